@@ -1,0 +1,5 @@
+import sys
+
+from sdd.cli import main
+
+sys.exit(main())

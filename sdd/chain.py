@@ -1,0 +1,354 @@
+"""The `prune` and `distill` steps: an iterative pruning chain from a dense parent run.
+
+A chain run is nested under its dense parent; every level is a run nested under the chain holding
+that level's weights and mask. The chain logs one point per level (step = level), so its chart in
+the MLflow UI is its sparse-double-descent curve. A chain resumes after its last finished level.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from sdd import models, pruning, registry, tracking
+from sdd.config import DistillConfig, PruneConfig, TrainConfig, config_hash, from_params, to_flat_dict
+from sdd.dense import StepResult, evaluate_all, nonzero_counts
+from sdd.distillation import Teacher, distillation_loss, load_teacher
+from sdd.errors import UsageError
+from sdd.measures import activation_entropy, forward_flops, learning_distance
+from sdd.phases import entropy_early_stop, pruning_threshold, sdd_phases
+from sdd.problem import Problem, build_model, load_problem, resolve_device
+from sdd.training import Recipe, cross_entropy, fit
+
+log = logging.getLogger(__name__)
+
+# Metrics of a level that the chain logs per level and the analysis reads back.
+LEVEL_METRICS = ("train_acc", "train_loss", "train_acc_clean", "train_acc_noisy", "val_acc", "val_loss",
+                 "test_acc", "test_loss", "entropy", "sparsity", "nonzero_params", "learning_distance",
+                 "learning_distance_level", "pruned_train_acc", "pruned_val_acc", "pruned_test_acc")
+
+
+@dataclass
+class Parent:
+    run: Run
+    config: TrainConfig
+    start_artifact: str
+    rewind_artifact: str | None
+
+
+def resolve_parent(client: MlflowClient, cfg: PruneConfig) -> Parent:
+    """The dense parent and the checkpoints this chain needs from it, or a UsageError."""
+    run = tracking.get_run(client, tracking.parse_run_ref(cfg.parent))
+    run_id = run.info.run_id
+    if run.data.tags.get("sdd.step") != "train":
+        raise UsageError(f"--parent {run_id} is not a dense training run (sdd.step="
+                         f"{run.data.tags.get('sdd.step', 'missing')}); pass the run id of an `sdd train` run")
+    if run.info.status != "FINISHED":
+        raise UsageError(f"--parent {run_id} is {run.info.status}, not FINISHED")
+    saved = set(tracking.list_artifacts(client, run_id, "checkpoints"))
+    if cfg.start_epoch is None:
+        start = "checkpoints/final.pt"
+    else:
+        start = f"checkpoints/epoch_{cfg.start_epoch}.pt"
+    if start not in saved:
+        epochs = sorted(int(p.split("_")[1][:-3]) for p in saved if p.startswith("checkpoints/epoch_"))
+        raise UsageError(f"--parent {run_id} has no saved epoch {cfg.start_epoch}; saved epochs: "
+                         f"{epochs or 'none'} (train with --save-epochs)")
+    rewind = None
+    if cfg.retrain == "weight_rewind":
+        rewind = "checkpoints/init.pt" if cfg.rewind_step == 0 else f"checkpoints/step_{cfg.rewind_step}.pt"
+        if rewind not in saved:
+            steps = sorted(int(p.split("_")[1][:-3]) for p in saved if p.startswith("checkpoints/step_"))
+            raise UsageError(f"--rewind-step {cfg.rewind_step}: parent {run_id} saved weights only at steps "
+                             f"{[0, *steps]} (train with --rewind-step)")
+    try:
+        config = from_params(TrainConfig, run.data.params)
+    except (ValueError, UsageError) as err:
+        raise UsageError(f"--parent {run_id}: its params do not describe an sdd training ({err})") from None
+    return Parent(run, config, start, rewind)
+
+
+def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *,
+              extra_tags: dict[str, str] | None = None) -> StepResult:
+    """Run (or resume, or reuse) a pruning chain; with `distill`, retrain by distillation."""
+    cfg.validate()
+    if distill is not None:
+        distill.validate()
+    device = resolve_device(cfg.device)
+    client = tracking.get_client()
+    parent = resolve_parent(client, cfg)
+    exp_id = parent.run.info.experiment_id
+    problem = load_problem(parent.config.data, device)
+    teacher = None
+    if distill is not None:
+        teacher = load_teacher(client, distill.teacher, problem.splits.input_shape, problem.splits.num_classes,
+                               device)
+    step = "distill" if teacher else "prune"
+    chash = config_hash(cfg, parent=parent.run.info.run_id,
+                        distill=to_flat_dict(distill) if distill else None,
+                        teacher_run=teacher.run_id if teacher else None)
+    if not cfg.force:
+        done = tracking.find_finished(client, exp_id, step, chash)
+        if done is not None:
+            log.info("reusing finished chain %s (config %s)", done.info.run_id, chash)
+            tracking.discard_project_run(client)
+            return StepResult(done.info.run_id, True, dict(done.data.metrics))
+    resumable = tracking.unfinished(client, exp_id, step, chash)
+    if resumable:
+        chain_id = resumable[-1].info.run_id
+        for stale in resumable[:-1]:
+            tracking.mark_killed(client, stale)
+        tracking.discard_project_run(client)
+        client.update_run(chain_id, status="RUNNING")
+        client.set_tag(chain_id, "sdd.pid", str(os.getpid()))
+        log.info("resuming chain %s", chain_id)
+    else:
+        m = parent.config.model
+        name = f"{step} {cfg.criterion}/{cfg.retrain} w{m.width} " + \
+            (f"e{cfg.start_epoch}" if cfg.start_epoch is not None else "final")
+        tags = {"sdd.step": step, "sdd.config_hash": chash, "sdd.dense_run_id": parent.run.info.run_id,
+                **(extra_tags or {})}
+        if teacher:
+            tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
+        chain_id = tracking.start_run(client, exp_id, name=name, tags=tags, parent_run_id=parent.run.info.run_id)
+        params = {**to_flat_dict(cfg), **(to_flat_dict(distill) if distill else {}),
+                  "dense_" + "model": m.model, "dense_width": m.width, "dense_depth": m.depth,
+                  "dataset": parent.config.data.dataset, "noise": parent.config.data.noise}
+        tracking.log_params(client, chain_id, params)
+    try:
+        metrics = Chain(cfg, distill, client, exp_id, chain_id, chash, parent, problem, teacher).run()
+    except BaseException as err:
+        client.set_tag(chain_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
+        tracking.terminate(client, chain_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    tracking.terminate(client, chain_id)
+    return StepResult(chain_id, False, metrics)
+
+
+class Chain:
+    """The level loop of one chain, with its resume state."""
+
+    def __init__(self, cfg: PruneConfig, distill: DistillConfig | None, client: MlflowClient, exp_id: str,
+                 chain_id: str, chash: str, parent: Parent, problem: Problem, teacher: Teacher | None) -> None:
+        self.cfg, self.distill, self.client, self.exp_id = cfg, distill, client, exp_id
+        self.chain_id, self.chash, self.parent, self.problem, self.teacher = chain_id, chash, parent, problem, teacher
+        self.dense_id = parent.run.info.run_id
+        self.levels = pruning.schedule(cfg.rate, cfg.levels if cfg.target_sparsity is None and cfg.levels else
+                                       (None if cfg.target_sparsity is not None else 20), cfg.target_sparsity)
+        self.model = build_model(parent.config.model, problem, parent.config.optim.seed)
+        self.weights = models.prunable_weights(self.model)
+        self.exclude = {models.output_layer_name(self.model)} if cfg.keep_output_dense else set()
+        self.init = {k: v for k, v in tracking.load_state_artifact(client, self.dense_id, "checkpoints/init.pt").items()
+                     if k in self.weights}
+        self.rewind = (tracking.load_state_artifact(client, self.dense_id, parent.rewind_artifact)
+                       if parent.rewind_artifact else None)
+        popt = parent.config.optim
+        if cfg.retrain == "finetune":
+            dense_recipe = Recipe.from_optim(popt)
+            self.recipe = Recipe.from_optim(popt, augment=parent.config.data.augment, epochs=cfg.epochs,
+                                            lr=cfg.lr or dense_recipe.final_lr(), schedule="constant")
+        else:
+            self.recipe = Recipe.from_optim(popt, augment=parent.config.data.augment, epochs=cfg.epochs,
+                                            lr=cfg.lr)
+        self.loss_fn = cross_entropy
+        if teacher is not None:
+            self.loss_fn = distillation_loss(teacher, problem.splits.x_train, distill.alpha, distill.temperature,
+                                             parent.config.data.augment)
+
+    # --- records of finished levels -------------------------------------------------------------
+
+    def _finished_levels(self) -> dict[int, Run]:
+        """Finished level runs by level; unfinished ones (a killed level) are deleted so they are redone."""
+        done: dict[int, Run] = {}
+        for run in tracking.search(self.client, self.exp_id, tags={"sdd.step": "level"}, parent=self.chain_id):
+            level = int(run.data.tags["sdd.level"])
+            if run.info.status == "FINISHED" and level not in done:
+                done[level] = run
+            else:
+                self.client.delete_run(run.info.run_id)
+        return done
+
+    def _chain_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.chain_id, key)}
+
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg
+        done = self._finished_levels()
+        history: list[dict[str, float]] = []
+        logged = self._chain_steps("test_acc")
+        logger = tracking.MetricLogger(self.client, self.chain_id)
+
+        start = tracking.load_state_artifact(self.client, self.dense_id, self.parent.start_artifact)
+        self.model.load_state_dict(start)
+        masks = pruning.full_masks(self.weights)
+        dense = self._measure(self.model, level_start={k: v.detach().clone() for k, v in self.weights.items()})
+        history.append(dense)
+        if 0 not in logged:
+            logger.log(dense, 0)
+        epochs_spent = 0
+        stop = None
+        started = time.monotonic()
+        level = 1
+        while level <= self.levels:
+            if level in done:
+                run = done[level]
+                state, masks = tracking.load_sparse_artifact(self.client, run.info.run_id, "level/weights.pt")
+                self.model.load_state_dict(state)
+                metrics = {k: v for k, v in run.data.metrics.items()}
+                if level not in logged:
+                    logger.log({k: metrics[k] for k in LEVEL_METRICS if k in metrics}, level)
+            else:
+                metrics, masks = self._level(level, masks, logger)
+            history.append(metrics)
+            epochs_spent += self.recipe.epochs
+            if cfg.early_stop == "entropy":
+                decision = entropy_early_stop([h.get("entropy", 0.0) for h in history],
+                                              [h.get("val_acc", h["test_acc"]) for h in history],
+                                              cfg.entropy_drop, cfg.acc_tolerance)
+                if decision is not None:
+                    stop = decision
+                    break
+            level += 1
+        logger.flush()
+        summary = self._summarise(history, stop, epochs_spent, time.monotonic() - started)
+        return summary
+
+    # --- one level -------------------------------------------------------------------------------
+
+    def _level(self, level: int, masks, logger: tracking.MetricLogger):
+        cfg, model, weights = self.cfg, self.model, self.weights
+        t0 = time.monotonic()
+        generator = torch.Generator(device=self.problem.device).manual_seed(cfg.seed * 100_003 + level)
+        scores = self._scores(generator)
+        masks = pruning.prune_masks(scores, masks, cfg.rate, cfg.scope, exclude=self.exclude)
+        float_masks = pruning.as_float_masks(masks, weights)
+        pruning.apply_masks(weights, float_masks)
+        after_prune = evaluate_all(model, self.problem, self.init)
+        if cfg.retrain == "weight_rewind":
+            model.load_state_dict(self.rewind)
+        elif cfg.retrain == "reinit":
+            fresh = build_model(self.parent.config.model, self.problem, seed=cfg.seed * 100_003 + level)
+            model.load_state_dict(fresh.state_dict())
+        pruning.apply_masks(weights, float_masks)
+        level_start = {k: v.detach().clone() for k, v in weights.items()}
+
+        level_id = tracking.start_run(
+            self.client, self.exp_id, name=f"level {level}", parent_run_id=self.chain_id, adopt_project_run=False,
+            tags={"sdd.step": "level", "sdd.level": str(level), "sdd.dense_run_id": self.dense_id,
+                  "sdd.chain_run_id": self.chain_id, "sdd.config_hash": f"{self.chash}-{level}"})
+        level_logger = tracking.MetricLogger(self.client, level_id)
+        every = cfg.eval_every
+
+        def on_epoch(epoch: int, _loss: float) -> None:
+            if every and epoch % every == 0 and epoch != self.recipe.epochs:
+                level_logger.log(evaluate_all(model, self.problem, self.init), epoch)
+
+        try:
+            fit(model, self.problem.splits.x_train, self.problem.splits.y_train, self.recipe, masks=float_masks,
+                weights=weights, loss_fn=self.loss_fn, generator=generator, on_epoch=on_epoch)
+            metrics = self._measure(model, level_start)
+            metrics.update({f"pruned_{k}": after_prune[k] for k in ("train_acc", "val_acc", "test_acc")
+                            if k in after_prune})
+            metrics["level_time_s"] = time.monotonic() - t0
+            level_logger.log(metrics, level)
+            level_logger.flush()
+            tracking.log_sparse_state(self.client, level_id, model.state_dict(), masks, "level/weights.pt")
+        except BaseException as err:
+            self.client.set_tag(level_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
+            tracking.terminate(self.client, level_id, "FAILED")
+            raise
+        tracking.terminate(self.client, level_id)
+        logger.log({k: metrics[k] for k in LEVEL_METRICS if k in metrics}, level)
+        logger.flush()
+        log.info("%s level %d/%d: sparsity %.4f test_acc %.4f (pruned %.4f) noisy-fit %s (%.1fs)",
+                 self.chain_id[:8], level, self.levels, metrics["sparsity"], metrics["test_acc"],
+                 metrics["pruned_test_acc"], f"{metrics.get('train_acc_noisy', float('nan')):.3f}",
+                 metrics["level_time_s"])
+        return metrics, masks
+
+    def _scores(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        if cfg.criterion == "magnitude":
+            return pruning.magnitude_scores(self.weights)
+        if cfg.criterion == "random":
+            return pruning.random_scores(self.weights, generator)
+        x, y = self.problem.splits.x_train, self.problem.splits.y_train
+        batch = self.parent.config.optim.batch_size or len(x)
+        order = torch.randperm(len(x), device=x.device, generator=generator)
+        batches = [(x[order[i:i + batch]], y[order[i:i + batch]])
+                   for i in range(0, min(len(x), batch * cfg.gradient_batches), batch)]
+        return pruning.gradient_scores(self.model, self.weights, batches, torch.nn.functional.cross_entropy)
+
+    def _measure(self, model: torch.nn.Module, level_start: dict[str, torch.Tensor]) -> dict[str, float]:
+        metrics = evaluate_all(model, self.problem, self.init)
+        metrics["learning_distance_level"] = learning_distance(self.weights, level_start)
+        metrics.update(activation_entropy(model, self.problem.splits.x_train))
+        metrics.update(nonzero_counts(model))
+        metrics["flops_per_sample"] = forward_flops(model, self.problem.splits.x_train[:1])
+        report = pruning.sparsity_report({k: v.detach() for k, v in self.weights.items()})
+        metrics.update({f"sparsity/{name}": s for name, s in report["per_layer"].items()})
+        return metrics
+
+    # --- end of chain ----------------------------------------------------------------------------
+
+    def _summarise(self, history: list[dict[str, float]], stop, epochs_spent: int, seconds: float) -> dict[str, float]:
+        cfg, client, chain_id = self.cfg, self.client, self.chain_id
+        test = [h["test_acc"] for h in history]
+        noisy = [h.get("train_acc_noisy", 1.0) for h in history]
+        it = pruning_threshold(noisy, cfg.it_threshold)
+        phases = sdd_phases(test, noisy, cfg.it_threshold)
+        tags = {"sdd.it_level": str(it) if it is not None else "none",
+                "sdd.phases": ",".join(phases)}
+        for phase in ("light", "critical", "sweet", "collapsed"):
+            levels = [i for i, p in enumerate(phases) if p == phase]
+            if levels:
+                tags[f"sdd.phase.{phase}"] = f"{levels[0]}-{levels[-1]}"
+        # Compute spent against the full schedule: levels not run are estimated from the dense
+        # model's FLOPs scaled by the fraction of weights that level would keep.
+        n_train, epochs = len(self.problem.splits.x_train), self.recipe.epochs
+        spent = [3 * h["flops_per_sample"] * n_train * epochs for h in history[1:]]
+        skipped = [3 * history[0]["flops_per_sample"] * (1 - cfg.rate) ** lv * n_train * epochs
+                   for lv in range(len(history), self.levels + 1)]
+        summary = {"it_level": float(it) if it is not None else -1.0, "levels_run": float(len(history) - 1),
+                   "epochs_spent": float(epochs_spent), "epochs_full": float(self.levels * epochs),
+                   "train_flops_spent": sum(spent), "train_flops_full": sum(spent) + sum(skipped),
+                   "chain_time_s": seconds}
+        if stop is not None:
+            tags.update({"sdd.early_stop_level": str(stop.level), "sdd.early_stop_reason": stop.reason})
+        self.client.log_batch(chain_id, tags=[tracking.RunTag(k, v) for k, v in tags.items()])
+        table = io.StringIO()
+        writer = csv.writer(table)
+        writer.writerow(["level", "sparsity", "nonzero_params", "test_acc", "val_acc", "train_acc_noisy",
+                         "entropy", "phase"])
+        for i, (h, phase) in enumerate(zip(history, phases)):
+            writer.writerow([i, h.get("sparsity"), h.get("nonzero_params"), h.get("test_acc"), h.get("val_acc"),
+                             h.get("train_acc_noisy"), h.get("entropy"), phase])
+        client.log_text(chain_id, table.getvalue(), "phases.csv")
+        best = max(range(1, len(history)), key=lambda i: (history[i].get("val_acc", -1.0), history[i]["sparsity"]),
+                   default=None)
+        if best is not None:
+            summary.update({"best_level": float(best), "best_val_acc": history[best].get("val_acc", float("nan")),
+                            "best_test_acc": history[best]["test_acc"], "best_sparsity": history[best]["sparsity"]})
+            if cfg.register:
+                self._register(best, history[best])
+        logger = tracking.MetricLogger(client, chain_id)
+        logger.log(summary, len(history) - 1)
+        logger.flush()
+        return {**history[-1], **summary}
+
+    def _register(self, level: int, metrics: dict[str, float]) -> None:
+        run = next(r for lv, r in self._finished_levels().items() if lv == level)
+        state, masks = tracking.load_sparse_artifact(self.client, run.info.run_id, "level/weights.pt")
+        model = build_model(self.parent.config.model, self.problem, self.parent.config.optim.seed)
+        model.load_state_dict(state)
+        registry.register_best_sparse(self.client, model, level_run=run, dense_run_id=self.dense_id,
+                                      dataset=self.parent.config.data.dataset,
+                                      model_name=self.parent.config.model.model, metrics=metrics)

@@ -1,0 +1,325 @@
+"""Typed configurations of every step, their validation, and the stable hash that names a run.
+
+Each step takes one frozen dataclass. The command line is derived from the fields (see `sdd.cli`),
+MLflow params are the flattened fields, and the config hash is computed from the fields that change
+what a run computes or stores, so two runs with the same hash are interchangeable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdd.errors import UsageError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "multistep", "cosine")
+CRITERIA = ("magnitude", "gradient", "random")
+SCOPES = ("global", "layerwise")
+RETRAIN_MODES = ("finetune", "lr_rewind", "weight_rewind", "reinit")
+EARLY_STOPS = ("none", "entropy")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, hashed: bool = True) -> Any:
+    """A config field: its default, its help text, allowed values, and whether it enters the hash."""
+    meta = {"help": help, "choices": choices, "hashed": hashed}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed in configs")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = opt("mnist1d", "dataset name", choices=("mnist1d", "cifar10", "cifar100", "tinyimagenet"))
+    data_dir: str | None = opt(None, "folder holding cifar/tinyimagenet files (mnist1d is generated)", hashed=False)
+    train_size: int | None = opt(None, "training samples (mnist1d: generated, default 4000; others: subsample)")
+    test_size: int | None = opt(None, "test samples (mnist1d: generated, default 1000; others: subsample)")
+    val_size: int = opt(500, "validation samples held out from the training set")
+    val_seed: int = opt(0, "seed of the validation split")
+    data_seed: int = opt(0, "seed of dataset generation / subsampling")
+    noise: float = opt(0.2, "label-noise rate on the training split, in [0, 1)")
+    noise_kind: str = opt("symmetric", "label-noise definition", choices=("symmetric", "random", "pairflip"))
+    noise_seed: int = opt(0, "seed of the label noise")
+    augment: bool = opt(False, "pad-crop and flip augmentation (images only)")
+
+    def validate(self) -> None:
+        _check(0.0 <= self.noise < 1.0, f"--noise must be in [0, 1), got {self.noise}")
+        _check(self.val_size >= 0, f"--val-size must be >= 0, got {self.val_size}")
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"--{_flag(name)} must be > 0, got {value}")
+        _check(not (self.augment and self.dataset == "mnist1d"),
+               "--augment applies to image datasets (cifar10, cifar100, tinyimagenet), not mnist1d")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = opt("mlp", "model family", choices=("mlp", "cnn1d", "cnn5", "resnet18", "vgg_like"))
+    width: int = opt(64, "model width (hidden units for mlp, base channels k for the CNNs)")
+    depth: int = opt(1, "hidden layers (mlp) or depth (vgg_like); 1 for the others")
+    maxpool: bool = opt(False, "resnet18: max-pool after the stem (DSD2 keeps it, He et al. do not)")
+
+    def validate(self) -> None:
+        _check(self.width > 0, f"--width must be > 0, got {self.width}")
+        _check(self.depth > 0, f"--depth must be > 0, got {self.depth}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = opt("adam", "optimizer", choices=OPTIMIZERS)
+    lr: float = opt(1e-3, "learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(0.0, "weight decay")
+    schedule: str = opt("constant", "learning-rate schedule (stepped per epoch)", choices=SCHEDULES)
+    milestones: tuple[int, ...] = opt((), "multistep: epochs where the lr is multiplied by --gamma, e.g. 80,120")
+    gamma: float = opt(0.1, "multistep decay factor")
+    epochs: int = opt(2000, "passes over the training set (full-batch: one step each)")
+    batch_size: int = opt(0, "minibatch size; 0 = full batch")
+    seed: int = opt(0, "seed of initialisation and batch order")
+
+    def validate(self) -> None:
+        _check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
+        _check(self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
+        _check(self.batch_size >= 0, f"--batch-size must be >= 0 (0 = full batch), got {self.batch_size}")
+        _check(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _check(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
+        _check(all(m > 0 for m in self.milestones), f"--milestones must be positive epochs, got {self.milestones}")
+        _check(self.schedule == "multistep" or not self.milestones,
+               "--milestones needs --schedule multistep")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str | None = opt(None, "teacher model: models:/name@alias, models:/name/version, runs:/ID/model or a run id")
+    alpha: float = opt(0.8, "weight of the distillation term (0 = plain cross-entropy)")
+    temperature: float = opt(10.0, "softmax temperature of the distillation term")
+
+    def validate(self) -> None:
+        _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
+        _check(self.temperature > 0 and math.isfinite(self.temperature),
+               f"--temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `train` step: one dense model on one (noisy) dataset."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    distill: DistillConfig = DistillConfig()
+    eval_every: int = opt(0, "evaluate every N epochs; 0 = about 200 evaluations per run")
+    save_epochs: tuple[int, ...] = opt((), "epochs whose weights are saved as starting checkpoints, e.g. 100,500")
+    rewind_step: int = opt(0, "optimizer step whose weights are saved for weight rewinding (0 = init, always saved)")
+    device: str = opt("auto", "device", choices=DEVICES, hashed=False)
+    force: bool = opt(False, "train again even if a finished run with the same config exists", hashed=False)
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.model.validate()
+        self.optim.validate()
+        if self.distill.teacher is not None:
+            self.distill.validate()
+        _check(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        _check(self.rewind_step >= 0, f"--rewind-step must be >= 0, got {self.rewind_step}")
+        bad = [e for e in self.save_epochs if not 0 <= e <= self.optim.epochs]
+        _check(not bad, f"--save-epochs must lie in [0, --epochs={self.optim.epochs}], got {bad}")
+
+    def effective_eval_every(self) -> int:
+        return self.eval_every or max(1, math.ceil(self.optim.epochs / 200))
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """The `prune` step: an iterative pruning chain from a dense parent run."""
+
+    parent: str = opt("", "dense parent: run id or runs:/ID uri")
+    start_epoch: int | None = opt(None, "start from this saved epoch of the parent (default: its final weights)")
+    levels: int | None = opt(None, "number of pruning levels (default 20 unless --target-sparsity is given)")
+    target_sparsity: float | None = opt(None, "prune until this sparsity is reached, in (0, 1)")
+    rate: float = opt(0.2, "fraction of the remaining weights removed per level, in (0, 1)")
+    criterion: str = opt("magnitude", "pruning criterion", choices=CRITERIA)
+    scope: str = opt("global", "rank weights across all layers or per layer", choices=SCOPES)
+    keep_output_dense: bool = opt(False, "never prune the output layer")
+    gradient_batches: int = opt(1, "gradient criterion: training batches over which |w * dL/dw| is summed")
+    retrain: str = opt("lr_rewind", "retraining at every level", choices=RETRAIN_MODES)
+    epochs: int | None = opt(None, "retraining epochs per level (default: the parent's epochs)")
+    lr: float | None = opt(None, "retraining lr (default: the parent's lr; finetune: the parent's final lr)")
+    rewind_step: int = opt(0, "weight_rewind: the parent's saved optimizer step to rewind to (0 = lottery ticket)")
+    seed: int = opt(0, "seed of random scores, re-initialisation and batch order")
+    it_threshold: float = opt(0.99, "noisy-subset train accuracy below which the interpolation regime is left")
+    early_stop: str = opt("none", "stop the chain early", choices=EARLY_STOPS)
+    entropy_drop: float = opt(0.1, "early stop: relative entropy drop from dense that ends the plateau")
+    acc_tolerance: float = opt(0.02, "early stop: tolerated val_acc drop from the best level seen")
+    eval_every: int = opt(0, "evaluate every N epochs while retraining; 0 = only at the end of a level")
+    register: bool = opt(True, "register the best level as sdd-<dataset>-<model>@best-sparse", hashed=False)
+    device: str = opt("auto", "device", choices=DEVICES, hashed=False)
+    force: bool = opt(False, "run again even if a finished chain with the same config exists", hashed=False)
+
+    def validate(self) -> None:
+        _check(bool(self.parent), "--parent is required: the dense run id or runs:/ID uri")
+        _check(0.0 < self.rate < 1.0, f"--rate must be in (0, 1), got {self.rate}")
+        _check(self.levels is None or self.target_sparsity is None,
+               "give either --levels or --target-sparsity, not both")
+        _check(self.levels is None or self.levels > 0, f"--levels must be > 0, got {self.levels}")
+        _check(self.target_sparsity is None or 0.0 < self.target_sparsity < 1.0,
+               f"--target-sparsity must be in (0, 1), got {self.target_sparsity}")
+        _check(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
+        _check(self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _check(self.rewind_step >= 0, f"--rewind-step must be >= 0, got {self.rewind_step}")
+        _check(self.gradient_batches > 0, f"--gradient-batches must be > 0, got {self.gradient_batches}")
+        _check(0.0 < self.it_threshold <= 1.0, f"--it-threshold must be in (0, 1], got {self.it_threshold}")
+        _check(0.0 < self.entropy_drop < 1.0, f"--entropy-drop must be in (0, 1), got {self.entropy_drop}")
+        _check(0.0 <= self.acc_tolerance < 1.0, f"--acc-tolerance must be in [0, 1), got {self.acc_tolerance}")
+        _check(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        _check(self.start_epoch is None or self.start_epoch >= 0,
+               f"--start-epoch must be >= 0, got {self.start_epoch}")
+
+    def num_levels(self) -> int:
+        if self.target_sparsity is not None:
+            return math.ceil(math.log(1.0 - self.target_sparsity) / math.log(1.0 - self.rate) - 1e-9)
+        return self.levels if self.levels is not None else 20
+
+
+@dataclass(frozen=True)
+class DistillChainConfig:
+    """The `distill` step: a pruning chain whose retraining distils from a teacher."""
+
+    prune: PruneConfig = PruneConfig()
+    distill: DistillConfig = DistillConfig()
+
+    def validate(self) -> None:
+        self.prune.validate()
+        _check(bool(self.distill.teacher), "--teacher is required: models:/NAME@ALIAS, models:/NAME/VERSION, "
+                                           "runs:/ID/model or a run id")
+        self.distill.validate()
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_type(cls: type, f: dataclasses.Field) -> Any:
+    """The resolved annotation of a dataclass field (annotations are strings here)."""
+    return typing.get_type_hints(cls)[f.name]
+
+
+def is_optional(tp: Any) -> tuple[bool, Any]:
+    """(True, inner) for `X | None`, else (False, tp)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_NONE = {"", "none", "null"}
+
+
+def parse_value(tp: Any, text: str) -> Any:
+    """Parse a field's value from text (CLI, `mlflow run -P`, MLflow params); ValueError if malformed."""
+    optional, inner = is_optional(tp)
+    t = str(text).strip()
+    if optional and t.lower() in _NONE:
+        return None
+    if typing.get_origin(inner) is tuple:
+        return tuple(parse_value(int, p) for p in t.replace(" ", "").split(",") if p)
+    if inner is bool:
+        if t.lower() in _TRUE:
+            return True
+        if t.lower() in _FALSE:
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if inner is int:
+        try:
+            return int(t)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+    if inner is float:
+        try:
+            value = float(t)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {text!r}")
+        return value
+    return t
+
+
+def flat_fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """{name: (field, resolved type)} over nested configs."""
+    out: dict[str, tuple[dataclasses.Field, Any]] = {}
+    for f in dataclasses.fields(cls):
+        tp = field_type(cls, f)
+        if dataclasses.is_dataclass(tp):
+            out.update(flat_fields(tp))
+        else:
+            out[f.name] = (f, tp)
+    return out
+
+
+def from_params(cls: type, params: Mapping[str, str]) -> Any:
+    """Rebuild a config from a run's MLflow params (strings); params that are not fields are ignored."""
+    fields = flat_fields(cls)
+    values = {k: parse_value(fields[k][1], v) for k, v in params.items() if k in fields}
+    return from_flat_dict(cls, values)
+
+
+def to_flat_dict(config: Any, *, hashed_only: bool = False) -> dict[str, Any]:
+    """Flatten nested configs into {field: value}; nested field names are unique by construction."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(to_flat_dict(value, hashed_only=hashed_only))
+        elif not hashed_only or f.metadata.get("hashed", True):
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_hash(config: Any, **extra: Any) -> str:
+    """Stable hash of everything that changes what a run computes or stores.
+
+    `extra` carries values resolved at run time (e.g. the parent's run id), so that two chains from
+    different parents never share a hash.
+    """
+    payload = {"kind": type(config).__name__, **to_flat_dict(config, hashed_only=True), **extra}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def from_flat_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build a (nested) config from flat {field: value}; unknown keys raise UsageError."""
+    remaining = dict(values)
+    config = _build(cls, remaining)
+    if remaining:
+        raise UsageError(f"unknown option(s): {', '.join(sorted(remaining))}")
+    return config
+
+
+def _build(cls: type, remaining: dict[str, Any]) -> Any:
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        tp = field_type(cls, f)
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, remaining)
+        elif f.name in remaining:
+            value = remaining.pop(f.name)
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)

@@ -1,0 +1,141 @@
+"""The `train` step: one dense model, tracked as one MLflow run with its checkpoints and model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sdd import models, tracking
+from sdd.config import TrainConfig, config_hash, to_flat_dict
+from sdd.distillation import Teacher, distillation_loss, load_teacher
+from sdd.measures import activation_entropy, learning_distance, split_metrics
+from sdd.problem import Problem, build_model, load_problem, resolve_device
+from sdd.training import Recipe, cross_entropy, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    run_id: str
+    reused: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def nonzero_counts(model: torch.nn.Module) -> dict[str, float]:
+    """`nonzero_params` = nonzero prunable weights + every other parameter; `sparsity` over prunable weights.
+
+    One definition for dense and pruned models, so both share the nonzero-parameter axis.
+    """
+    prunable = models.prunable_weights(model)
+    names = {id(p) for p in prunable.values()}
+    total = sum(p.numel() for p in prunable.values())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in prunable.values())
+    others = sum(p.numel() for p in model.parameters() if id(p) not in names)
+    return {"nonzero_params": float(nonzero + others), "sparsity": 1.0 - nonzero / max(1, total)}
+
+
+def evaluate_all(model: torch.nn.Module, problem: Problem, init: dict[str, torch.Tensor]) -> dict[str, float]:
+    metrics = split_metrics(model, problem.splits, problem.noisy_mask)
+    metrics["learning_distance"] = learning_distance(models.prunable_weights(model), init)
+    return metrics
+
+
+def run_train(cfg: TrainConfig, *, parent_run_id: str | None = None, experiment: str | None = None,
+              extra_tags: dict[str, str] | None = None) -> StepResult:
+    """Train one dense model, or return the finished run that already holds this config."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    client = tracking.get_client()
+    exp_id = tracking.experiment_id(client, experiment)
+    problem = load_problem(cfg.data, device)
+    teacher: Teacher | None = None
+    if cfg.distill.teacher:
+        teacher = load_teacher(client, cfg.distill.teacher, problem.splits.input_shape,
+                               problem.splits.num_classes, device)
+    chash = config_hash(cfg, teacher_run=teacher.run_id if teacher else None)
+    if not cfg.force:
+        done = tracking.find_finished(client, exp_id, "train", chash)
+        if done is not None:
+            log.info("reusing finished run %s (config %s)", done.info.run_id, chash)
+            tracking.discard_project_run(client)
+            return StepResult(done.info.run_id, True, dict(done.data.metrics))
+    for stale in tracking.unfinished(client, exp_id, "train", chash):
+        tracking.mark_killed(client, stale)
+
+    m = cfg.model
+    name = f"{cfg.data.dataset}-{m.model}-w{m.width}" + (f"-d{m.depth}" if m.depth != 1 else "") \
+        + f"-n{cfg.data.noise:g}-s{cfg.optim.seed}"
+    tags = {"sdd.step": "train", "sdd.config_hash": chash, **(extra_tags or {})}
+    if teacher:
+        tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
+    run_id = tracking.start_run(client, exp_id, name=name, tags=tags, parent_run_id=parent_run_id)
+    try:
+        metrics = _train(cfg, client, run_id, problem, teacher)
+    except BaseException as err:
+        client.set_tag(run_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
+        tracking.terminate(client, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    tracking.terminate(client, run_id)
+    return StepResult(run_id, False, metrics)
+
+
+def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Teacher | None) -> dict[str, float]:
+    model = build_model(cfg.model, problem, cfg.optim.seed)
+    weights = models.prunable_weights(model)
+    num_params = models.count_params(model)
+    tracking.log_params(client, run_id, {**to_flat_dict(cfg), "num_params": num_params})
+    logger = tracking.MetricLogger(client, run_id)
+    logger.log({"num_params": num_params, "wrong_label_rate": problem.wrong_label_rate}, 0)
+    tracking.log_state(client, run_id, {"noisy_idx": problem.noisy_idx.cpu(),
+                                         "noisy_labels": problem.splits.y_train.cpu()}, "noise/noisy_idx.pt")
+    init = {k: v.detach().clone() for k, v in weights.items()}
+    tracking.log_state(client, run_id, model.state_dict(), "checkpoints/init.pt")
+
+    epochs = cfg.optim.epochs
+    every = cfg.effective_eval_every()
+    first = evaluate_all(model, problem, init)
+    logger.log({**first, **nonzero_counts(model)}, 0)
+    if 0 in cfg.save_epochs:
+        tracking.log_state(client, run_id, model.state_dict(), "checkpoints/epoch_0.pt")
+
+    loss_fn = cross_entropy
+    if teacher is not None:
+        loss_fn = distillation_loss(teacher, problem.splits.x_train, cfg.distill.alpha, cfg.distill.temperature,
+                                    cfg.data.augment)
+    recipe = Recipe.from_optim(cfg.optim, augment=cfg.data.augment)
+    generator = torch.Generator(device=problem.device).manual_seed(cfg.optim.seed)
+    started = time.monotonic()
+    last_report = [started]
+
+    def on_step(step: int) -> None:
+        if step == cfg.rewind_step and step > 0:
+            tracking.log_state(client, run_id, model.state_dict(), f"checkpoints/step_{step}.pt")
+
+    def on_epoch(epoch: int, _loss: float) -> None:
+        if epoch % every == 0 and epoch != epochs:  # the final evaluation follows fit()
+            logger.log(evaluate_all(model, problem, init), epoch)
+        if epoch in cfg.save_epochs:
+            tracking.log_state(client, run_id, model.state_dict(), f"checkpoints/epoch_{epoch}.pt")
+        now = time.monotonic()
+        if now - last_report[0] > 10:
+            last_report[0] = now
+            log.info("%s: epoch %d/%d (%.0fs)", run_id[:8], epoch, epochs, now - started)
+
+    steps = fit(model, problem.splits.x_train, problem.splits.y_train, recipe, loss_fn=loss_fn,
+                generator=generator, on_step=on_step, on_epoch=on_epoch)
+    final = evaluate_all(model, problem, init)
+    final.update(activation_entropy(model, problem.splits.x_train))
+    final.update(nonzero_counts(model))
+    final["train_time_s"] = time.monotonic() - started
+    final["steps"] = steps
+    logger.log(final, epochs)
+    logger.flush()
+    tracking.log_state(client, run_id, model.state_dict(), "checkpoints/final.pt")
+    tracking.log_model(client, run_id, model)
+    log.info("%s: done in %.1fs: test_acc %.4f, train_acc_noisy %s", run_id[:8], final["train_time_s"],
+             final["test_acc"], f"{final.get('train_acc_noisy', float('nan')):.4f}")
+    return final

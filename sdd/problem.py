@@ -1,0 +1,68 @@
+"""A learning problem: the noisy dataset resident on the device, and the model built for it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from sdd import data as datasets
+from sdd import models
+from sdd.config import DataConfig, ModelConfig
+from sdd.errors import UsageError
+from sdd.noise import apply_label_noise
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA device is available; use auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Problem:
+    """`splits.y_train` holds the labels trained on (noisy); `clean_y_train` the original ones."""
+
+    splits: datasets.Splits
+    clean_y_train: torch.Tensor
+    noisy_idx: torch.Tensor
+    noisy_mask: torch.Tensor
+    device: torch.device
+
+    @property
+    def wrong_label_rate(self) -> float:
+        return len(self.noisy_idx) / max(1, len(self.clean_y_train))
+
+
+def load_problem(cfg: DataConfig, device: torch.device) -> Problem:
+    """Load the dataset, corrupt the training labels once from the noise seed, move it to `device`."""
+    splits = datasets.load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size,
+                                   test_size=cfg.test_size, val_size=cfg.val_size, val_seed=cfg.val_seed,
+                                   data_seed=cfg.data_seed)
+    noisy_y, noisy_idx = apply_label_noise(splits.y_train, cfg.noise, cfg.noise_kind, splits.num_classes,
+                                           cfg.noise_seed)
+    clean = splits.y_train
+    mask = torch.zeros(len(clean), dtype=torch.bool)
+    mask[noisy_idx] = True
+    splits = replace(splits, y_train=noisy_y).to(device)
+    log.info("%s: %d train (%.1f%% wrong labels), %d val, %d test on %s", cfg.dataset, len(clean),
+             100 * len(noisy_idx) / max(1, len(clean)), len(splits.y_val), len(splits.y_test), device)
+    return Problem(splits, clean.to(device), noisy_idx, mask.to(device), device)
+
+
+def build_model(cfg: ModelConfig, problem: Problem, seed: int) -> nn.Module:
+    """The model, initialised from `seed` alone (independent of anything drawn before)."""
+    torch.manual_seed(seed)
+    model = models.build_model(cfg.model, width=cfg.width, depth=cfg.depth,
+                               input_shape=problem.splits.input_shape,
+                               num_classes=problem.splits.num_classes, maxpool=cfg.maxpool)
+    model = model.to(problem.device)
+    if problem.device.type == "cuda" and len(problem.splits.input_shape) == 3:
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,279 @@
+"""MLflow bookkeeping shared by every step: the store, run lineage, reuse by config hash, batched logging.
+
+Everything goes through an explicit `MlflowClient` and run ids, never MLflow's fluent "active run"
+stack, so Ray trials, nested chains and tests cannot leak runs into each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+
+from sdd import checkpoints
+from sdd.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "sdd"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_BATCH = 1000
+MAX_PARAM_CHARS = 6000
+PIP_REQUIREMENTS = ["torch==2.14.1", "mlflow==3.17.2", "numpy"]
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else MLflow 3's own default: a sqlite file in the working directory.
+
+    Made absolute so that processes that change directory (Ray trials) write to the same store.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    if uri.startswith("file:") or "://" not in uri:
+        raise UsageError(f"MLFLOW_TRACKING_URI={uri!r}: the file store is refused by MLflow 3.13+; "
+                         "use sqlite:///ABSOLUTE/path.db or http://host:port")
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def get_client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def experiment_id(client: MlflowClient, name: str | None = None) -> str:
+    """The experiment to log into, created once even when concurrent trials race to create it.
+
+    Precedence: explicit name, MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME, then 'sdd'.
+    """
+    name = name or None
+    if name is None and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    for attempt in range(5):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name)
+        except MlflowException:
+            time.sleep(0.1 * (attempt + 1))  # another process created it first: read it back
+    raise RuntimeError(f"could not create or find experiment {name!r}")
+
+
+def search(client: MlflowClient, exp_id: str, *, tags: Mapping[str, str] | None = None,
+           status: str | None = None, parent: str | None = None) -> list[Run]:
+    """All active runs matching the tags (and status / parent run), oldest first."""
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    if parent:
+        clauses.append(f"tags.`{PARENT_TAG}` = '{parent}'")
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([exp_id], " and ".join(clauses), max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_finished(client: MlflowClient, exp_id: str, step: str, config_hash: str) -> Run | None:
+    runs = search(client, exp_id, tags={"sdd.step": step, "sdd.config_hash": config_hash}, status="FINISHED")
+    return runs[0] if runs else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_orphan(run: Run) -> bool:
+    """A RUNNING run whose process (on this host) is gone: left behind by a kill."""
+    if run.info.status != "RUNNING":
+        return False
+    tags = run.data.tags
+    if tags.get("sdd.host") != socket.gethostname():
+        return False
+    pid = int(tags.get("sdd.pid", "0") or 0)
+    return pid > 0 and not _pid_alive(pid)
+
+
+def unfinished(client: MlflowClient, exp_id: str, step: str, config_hash: str) -> list[Run]:
+    """Runs of this config that did not finish: killed, failed, or orphaned RUNNING ones."""
+    runs = search(client, exp_id, tags={"sdd.step": step, "sdd.config_hash": config_hash})
+    return [r for r in runs if r.info.status in ("FAILED", "KILLED") or is_orphan(r)]
+
+
+def mark_killed(client: MlflowClient, run: Run) -> None:
+    if run.info.status == "RUNNING":
+        client.set_tag(run.info.run_id, "sdd.error", "process died while running; marked KILLED")
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def start_run(client: MlflowClient, exp_id: str, *, name: str, tags: Mapping[str, str],
+              parent_run_id: str | None = None, adopt_project_run: bool = True) -> str:
+    """Create a run (nested under `parent_run_id` if given) and return its id.
+
+    Under `mlflow run`, MLflow has already created a run for the entry point and put its id in
+    MLFLOW_RUN_ID: that run becomes this step's run instead of being left empty beside it.
+    """
+    all_tags = {**tags, "sdd.host": socket.gethostname(), "sdd.pid": str(os.getpid())}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    project_run = os.environ.pop("MLFLOW_RUN_ID", None) if adopt_project_run else None
+    if project_run:
+        client.set_tag(project_run, "mlflow.runName", name)
+        client.log_batch(project_run, tags=[RunTag(k, v) for k, v in all_tags.items()])
+        return project_run
+    run = client.create_run(exp_id, run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+def discard_project_run(client: MlflowClient | None = None) -> None:
+    """Remove the run `mlflow run` created when the step turns out to have nothing to log into it.
+
+    Used on bad input and when a finished run is reused. The run is first marked KILLED so that the
+    `mlflow run` launcher, which finalises only non-terminated runs, leaves it alone.
+    """
+    run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    if not run_id:
+        return
+    try:
+        client = client or get_client()
+        client.set_terminated(run_id, "KILLED")
+        client.delete_run(run_id)
+    except Exception as err:  # the store may be the very thing that is wrong
+        log.warning("could not remove the mlflow-run project run %s: %s", run_id, err)
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, _param_str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def _param_str(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    text = "" if value is None else str(value)
+    return text[:MAX_PARAM_CHARS]
+
+
+class MetricLogger:
+    """Buffers metrics and writes them with `log_batch` (one call instead of one per metric).
+
+    Flushed when the buffer is large, when `interval` seconds have passed, and on `flush()`, so a
+    killed process loses at most the last few seconds of curve.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, interval: float = 10.0) -> None:
+        self.client, self.run_id, self.interval = client, run_id, interval
+        self.buffer: list[Metric] = []
+        self.last_flush = time.monotonic()
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if len(self.buffer) >= MAX_BATCH - 100 or time.monotonic() - self.last_flush > self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.buffer), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=self.buffer[i:i + MAX_BATCH])
+        self.buffer.clear()
+        self.last_flush = time.monotonic()
+
+
+def log_state(client: MlflowClient, run_id: str, state: Mapping[str, torch.Tensor], artifact_path: str) -> None:
+    """Log a state_dict as the artifact `artifact_path` (e.g. 'checkpoints/final.pt')."""
+    folder, filename = os.path.split(artifact_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        checkpoints.save_state({k: v.detach().cpu() for k, v in state.items()}, path)
+        client.log_artifact(run_id, str(path), folder or None)
+
+
+def log_sparse_state(client: MlflowClient, run_id: str, state: Mapping[str, torch.Tensor],
+                     masks: Mapping[str, torch.Tensor], artifact_path: str) -> None:
+    folder, filename = os.path.split(artifact_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        checkpoints.save_sparse({k: v.detach().cpu() for k, v in state.items()},
+                                {k: v.detach().cpu().bool() for k, v in masks.items()}, path)
+        client.log_artifact(run_id, str(path), folder or None)
+
+
+def list_artifacts(client: MlflowClient, run_id: str, path: str) -> list[str]:
+    return [a.path for a in client.list_artifacts(run_id, path)]
+
+
+def load_state_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> dict[str, torch.Tensor]:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, artifact_path, tmp)
+        return checkpoints.load_state(local)
+
+
+def load_sparse_artifact(client: MlflowClient, run_id: str, artifact_path: str):
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, artifact_path, tmp)
+        return checkpoints.load_sparse(local)
+
+
+def log_model(client: MlflowClient, run_id: str, model: torch.nn.Module, artifact_path: str = "model") -> str:
+    """Log a loadable PyTorch model; returns its runs:/ uri.
+
+    Pickle format: the default pt2 export needs an input example and loads back as a graph module
+    without the zeroed weights' structure. The model is copied to the CPU first so it loads anywhere.
+    """
+    import copy
+
+    cpu_model = copy.deepcopy(model).to("cpu").eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pytorch.save_model(cpu_model, os.path.join(tmp, artifact_path), serialization_format="pickle",
+                                  pip_requirements=PIP_REQUIREMENTS)
+        client.log_artifacts(run_id, os.path.join(tmp, artifact_path), artifact_path)
+    return f"runs:/{run_id}/{artifact_path}"
+
+
+def parse_run_ref(ref: str) -> str:
+    """A run id from 'ID' or 'runs:/ID[/path]'."""
+    ref = ref.strip()
+    if ref.startswith("runs:/"):
+        ref = ref[len("runs:/"):].strip("/").split("/")[0]
+    if not ref or not all(c in "0123456789abcdef" for c in ref.lower()):
+        raise UsageError(f"{ref!r} is not a run id or runs:/RUN_ID uri")
+    return ref
+
+
+def get_run(client: MlflowClient, run_id: str) -> Run:
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UsageError(f"run {run_id} not found in {client.tracking_uri}") from None
+    if run.info.lifecycle_stage != "active":
+        raise UsageError(f"run {run_id} is deleted")
+    return run
+
+
+def terminate(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status)))

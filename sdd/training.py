@@ -1,0 +1,134 @@
+"""The training loop: data resident on the device, masks re-applied after every optimizer step.
+
+The loop knows nothing about MLflow, pruning criteria or evaluation: everything else hooks in
+through the `on_step` / `on_epoch` callbacks, so dense training, every retraining mode and the
+benchmark run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdd.augment import random_crop_flip
+from sdd.config import OptimConfig
+from sdd.pruning import apply_masks
+
+log = logging.getLogger(__name__)
+
+# loss_fn(logits, targets, inputs, batch_index); batch_index is None for a full batch.
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, _x: torch.Tensor, _idx: torch.Tensor | None) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+def make_optimizer(params, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=optim.weight_decay)
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int, milestones: tuple[int, ...], gamma: float) -> float:
+    """Multiplier of the base lr during `epoch` (0-based)."""
+    if schedule == "multistep":
+        return gamma ** sum(epoch >= m for m in milestones)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    return 1.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one training phase runs; built from an OptimConfig plus per-phase overrides."""
+
+    optim: OptimConfig
+    epochs: int
+    lr: float
+    schedule: str
+    augment: bool = False
+
+    @classmethod
+    def from_optim(cls, optim: OptimConfig, *, augment: bool = False, epochs: int | None = None,
+                   lr: float | None = None, schedule: str | None = None) -> Recipe:
+        return cls(optim=optim, epochs=epochs or optim.epochs, lr=lr or optim.lr,
+                   schedule=schedule or optim.schedule, augment=augment)
+
+    def milestones(self) -> tuple[int, ...]:
+        # A schedule written for the dense run's length is stretched to a retraining phase's length.
+        if self.epochs == self.optim.epochs:
+            return self.optim.milestones
+        return tuple(round(m * self.epochs / self.optim.epochs) for m in self.optim.milestones)
+
+    def final_lr(self) -> float:
+        return self.lr * lr_factor(self.schedule, self.epochs - 1, self.epochs, self.milestones(), self.optim.gamma)
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: Recipe,
+    *,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    weights: Mapping[str, nn.Parameter] | None = None,
+    loss_fn: LossFn = cross_entropy,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> int:
+    """Train `model` on (x, y) for `recipe.epochs` epochs with a fresh optimizer; returns steps taken.
+
+    `masks` (float, same device as the weights) are multiplied into `weights` after every step, so
+    pruned weights stay exactly zero whatever the optimizer's momentum or weight decay does.
+    `on_step(step)` runs after each step, `on_epoch(epoch, last_loss)` after each epoch (1-based).
+    """
+    device = x.device
+    optimizer = make_optimizer(model.parameters(), recipe.optim, recipe.lr)
+    milestones = recipe.milestones()
+    batch = recipe.optim.batch_size or len(x)
+    use_autocast = device.type == "cuda"
+    n = len(x)
+    step = 0
+    model.train()
+    for epoch in range(recipe.epochs):
+        factor = lr_factor(recipe.schedule, epoch, recipe.epochs, milestones, recipe.optim.gamma)
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr * factor
+        order = None if batch >= n else torch.randperm(n, device=device, generator=generator)
+        for start in range(0, n, batch):
+            idx = None if order is None else order[start:start + batch]
+            xb = x if idx is None else x[idx]
+            yb = y if idx is None else y[idx]
+            if recipe.augment:
+                xb = random_crop_flip(xb, generator=generator)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                logits = model(xb)
+            loss = loss_fn(logits.float(), yb, xb, idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if masks is not None:
+                apply_masks(weights, masks)
+            step += 1
+            if on_step is not None:
+                on_step(step)
+        last = loss.item()
+        if not math.isfinite(last):
+            raise TrainingDiverged(f"loss became {last} at epoch {epoch + 1}")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, last)
+    return step
