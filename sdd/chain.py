@@ -76,14 +76,17 @@ def resolve_parent(client: MlflowClient, cfg: PruneConfig) -> Parent:
     return Parent(run, config, start, rewind)
 
 
-def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *,
+def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, tracking_uri: str | None = None,
               extra_tags: dict[str, str] | None = None) -> StepResult:
-    """Run (or resume, or reuse) a pruning chain; with `distill`, retrain by distillation."""
+    """Run (or resume, or reuse) a pruning chain; with `distill`, retrain by distillation.
+
+    The chain goes into its dense parent's experiment, nested under the parent run.
+    """
     cfg.validate()
     if distill is not None:
         distill.validate()
     device = resolve_device(cfg.device)
-    client = tracking.get_client()
+    client = tracking.get_client(tracking_uri)
     parent = resolve_parent(client, cfg)
     exp_id = parent.run.info.experiment_id
     problem = load_problem(parent.config.data, device)
@@ -141,8 +144,8 @@ class Chain:
         self.cfg, self.distill, self.client, self.exp_id = cfg, distill, client, exp_id
         self.chain_id, self.chash, self.parent, self.problem, self.teacher = chain_id, chash, parent, problem, teacher
         self.dense_id = parent.run.info.run_id
-        self.levels = pruning.schedule(cfg.rate, cfg.levels if cfg.target_sparsity is None and cfg.levels else
-                                       (None if cfg.target_sparsity is not None else 20), cfg.target_sparsity)
+        self.levels = pruning.schedule(cfg.rate, None if cfg.target_sparsity is not None else (cfg.levels or 20),
+                                       cfg.target_sparsity)
         self.model = build_model(parent.config.model, problem, parent.config.optim.seed)
         self.weights = models.prunable_weights(self.model)
         self.exclude = {models.output_layer_name(self.model)} if cfg.keep_output_dense else set()
@@ -193,33 +196,37 @@ class Chain:
         history.append(dense)
         if 0 not in logged:
             logger.log(dense, 0)
-        epochs_spent = 0
-        stop = None
-        started = time.monotonic()
-        level = 1
-        while level <= self.levels:
-            if level in done:
-                run = done[level]
-                state, masks = tracking.load_sparse_artifact(self.client, run.info.run_id, "level/weights.pt")
-                self.model.load_state_dict(state)
-                metrics = {k: v for k, v in run.data.metrics.items()}
-                if level not in logged:
-                    logger.log({k: metrics[k] for k in LEVEL_METRICS if k in metrics}, level)
-            else:
-                metrics, masks = self._level(level, masks, logger)
+        # Resume: replay the finished levels' records, then continue from the last one's weights.
+        resumed = 0
+        while resumed + 1 in done:
+            resumed += 1
+            metrics = dict(done[resumed].data.metrics)
             history.append(metrics)
-            epochs_spent += self.recipe.epochs
-            if cfg.early_stop == "entropy":
-                decision = entropy_early_stop([h.get("entropy", 0.0) for h in history],
-                                              [h.get("val_acc", h["test_acc"]) for h in history],
-                                              cfg.entropy_drop, cfg.acc_tolerance)
-                if decision is not None:
-                    stop = decision
-                    break
+            if resumed not in logged:
+                logger.log({k: metrics[k] for k in LEVEL_METRICS if k in metrics}, resumed)
+        if resumed:
+            state, masks = tracking.load_sparse_artifact(self.client, done[resumed].info.run_id, "level/weights.pt")
+            self.model.load_state_dict(state)
+            log.info("%s: levels 1-%d already finished, resuming at level %d", self.chain_id[:8], resumed, resumed + 1)
+        stop = self._early_stop(history)
+        started = time.monotonic()
+        level = resumed + 1
+        while stop is None and level <= self.levels:
+            metrics, masks = self._level(level, masks, logger)
+            history.append(metrics)
+            stop = self._early_stop(history)
             level += 1
+        epochs_spent = (len(history) - 1) * self.recipe.epochs
         logger.flush()
         summary = self._summarise(history, stop, epochs_spent, time.monotonic() - started)
         return summary
+
+    def _early_stop(self, history: list[dict[str, float]]):
+        if self.cfg.early_stop != "entropy" or len(history) < 2:
+            return None
+        return entropy_early_stop([h.get("entropy", 0.0) for h in history],
+                                  [h.get("val_acc", h["test_acc"]) for h in history],
+                                  self.cfg.entropy_drop, self.cfg.acc_tolerance)
 
     # --- one level -------------------------------------------------------------------------------
 

@@ -184,11 +184,6 @@ class PruneConfig:
         _check(self.start_epoch is None or self.start_epoch >= 0,
                f"--start-epoch must be >= 0, got {self.start_epoch}")
 
-    def num_levels(self) -> int:
-        if self.target_sparsity is not None:
-            return math.ceil(math.log(1.0 - self.target_sparsity) / math.log(1.0 - self.rate) - 1e-9)
-        return self.levels if self.levels is not None else 20
-
 
 @dataclass(frozen=True)
 class DistillChainConfig:

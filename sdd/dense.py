@@ -44,12 +44,16 @@ def evaluate_all(model: torch.nn.Module, problem: Problem, init: dict[str, torch
     return metrics
 
 
-def run_train(cfg: TrainConfig, *, parent_run_id: str | None = None, experiment: str | None = None,
-              extra_tags: dict[str, str] | None = None) -> StepResult:
-    """Train one dense model, or return the finished run that already holds this config."""
+def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: str | None = None,
+              parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> StepResult:
+    """Train one dense model, or return the finished run that already holds this config.
+
+    `tracking_uri` defaults to `sdd.tracking.tracking_uri()`; `experiment` is a name (default: see
+    `sdd.tracking.experiment_id`); `parent_run_id` nests the run (e.g. under a sweep stage).
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
-    client = tracking.get_client()
+    client = tracking.get_client(tracking_uri)
     exp_id = tracking.experiment_id(client, experiment)
     problem = load_problem(cfg.data, device)
     teacher: Teacher | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from dataclasses import dataclass
 
 import mlflow
@@ -46,34 +47,54 @@ _MODELS_ALIAS = re.compile(r"^models:/([^/@]+)@([^/]+)$")
 _MODELS_VERSION = re.compile(r"^models:/([^/@]+)/(\d+)$")
 
 
-def teacher_model_uri(client: MlflowClient, ref: str) -> tuple[str, str]:
-    """(loadable model uri, the teacher's run id) for any accepted reference form."""
+@dataclass(frozen=True)
+class TeacherRef:
+    uri: str  # as given (normalised)
+    run_id: str
+    artifact_uri: str  # where the MLflow model lives, e.g. runs:/ID/model
+
+
+def resolve_teacher(client: MlflowClient, ref: str) -> TeacherRef:
+    """Resolve any accepted reference form against `client`'s store (not MLflow's global URI)."""
     ref = ref.strip()
+    version = None
     try:
         if m := _MODELS_ALIAS.match(ref):
             version = client.get_model_version_by_alias(m.group(1), m.group(2))
-            return ref, version.run_id
-        if m := _MODELS_VERSION.match(ref):
+        elif m := _MODELS_VERSION.match(ref):
             version = client.get_model_version(m.group(1), m.group(2))
-            return ref, version.run_id
     except MlflowException:
         raise UsageError(f"teacher {ref}: no such registered model version or alias") from None
+    if version is not None:
+        return TeacherRef(ref, version.run_id, version.source)
     if ref.startswith("models:/"):
         raise UsageError(f"teacher {ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     run_id = tracking.parse_run_ref(ref)
     tracking.get_run(client, run_id)
-    path = ref[len("runs:/"):].strip("/").split("/", 1)[1] if ref.startswith("runs:/") and ref.count("/") > 1 else "model"
-    return f"runs:/{run_id}/{path}", run_id
+    parts = ref[len("runs:/"):].strip("/").split("/", 1) if ref.startswith("runs:/") else [run_id]
+    path = parts[1] if len(parts) > 1 else "model"
+    return TeacherRef(ref, run_id, f"runs:/{run_id}/{path}")
+
+
+def _download_model(client: MlflowClient, artifact_uri: str, dst: str) -> str:
+    if artifact_uri.startswith("runs:/"):
+        run_id, _, path = artifact_uri[len("runs:/"):].partition("/")
+        return client.download_artifacts(run_id, path, dst)
+    return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst,
+                                               tracking_uri=client.tracking_uri)
 
 
 def load_teacher(client: MlflowClient, ref: str, input_shape: tuple[int, ...], num_classes: int,
                  device: torch.device) -> Teacher:
     """Load and check a teacher; any problem is a UsageError raised before training starts."""
-    uri, run_id = teacher_model_uri(client, ref)
+    resolved = resolve_teacher(client, ref)
     try:
-        model = mlflow.pytorch.load_model(uri, map_location=device)
+        with tempfile.TemporaryDirectory() as tmp:
+            model = mlflow.pytorch.load_model(_download_model(client, resolved.artifact_uri, tmp),
+                                              map_location=device)
     except Exception as err:  # MLflow raises many kinds here; all mean "not a loadable model"
-        raise UsageError(f"teacher {ref}: cannot load a PyTorch model from {uri} ({type(err).__name__})") from None
+        raise UsageError(f"teacher {ref}: cannot load a PyTorch model from {resolved.artifact_uri} "
+                         f"({type(err).__name__})") from None
     model.eval()
     try:
         with torch.no_grad():
@@ -84,7 +105,7 @@ def load_teacher(client: MlflowClient, ref: str, input_shape: tuple[int, ...], n
         raise UsageError(f"teacher {ref}: outputs {tuple(out.shape[1:])} classes, the dataset has {num_classes}")
     for p in model.parameters():
         p.requires_grad_(False)
-    return Teacher(model, uri, run_id)
+    return Teacher(model, resolved.uri, resolved.run_id)
 
 
 def distillation_loss(teacher: Teacher, x_train: torch.Tensor, alpha: float, temperature: float,

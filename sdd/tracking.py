@@ -140,8 +140,13 @@ def start_run(client: MlflowClient, exp_id: str, *, name: str, tags: Mapping[str
     all_tags = {**tags, "sdd.host": socket.gethostname(), "sdd.pid": str(os.getpid())}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
-    project_run = os.environ.pop("MLFLOW_RUN_ID", None) if adopt_project_run else None
+    project_run = os.environ.get("MLFLOW_RUN_ID") if adopt_project_run else None
+    if project_run and client.get_run(project_run).info.experiment_id != exp_id:
+        # Nesting across experiments would hide the run from its parent's lineage.
+        discard_project_run(client)
+        project_run = None
     if project_run:
+        del os.environ["MLFLOW_RUN_ID"]
         client.set_tag(project_run, "mlflow.runName", name)
         client.log_batch(project_run, tags=[RunTag(k, v) for k, v in all_tags.items()])
         return project_run

@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated MLflow sqlite store per test, and tiny step configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdd.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small MNIST-1D problem: generated in well under a second, trains in a fraction of one.
+TINY_DATA = DataConfig(train_size=400, test_size=200, val_size=100, noise=0.2)
+
+
+def tiny_train(**overrides) -> TrainConfig:
+    data = {k: overrides.pop(k) for k in list(overrides) if k in DataConfig.__dataclass_fields__}
+    model = {k: overrides.pop(k) for k in list(overrides) if k in ModelConfig.__dataclass_fields__}
+    optim = {k: overrides.pop(k) for k in list(overrides) if k in OptimConfig.__dataclass_fields__}
+    return TrainConfig(
+        data=DataConfig(**{**TINY_DATA.__dict__, **data}),
+        model=ModelConfig(**{"width": 16, **model}),
+        optim=OptimConfig(**{"epochs": 40, "lr": 1e-2, **optim}),
+        device="cpu",
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow sqlite database: creating the schema costs seconds, copying it nothing."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, empty_store) -> str:
+    """A fresh sqlite tracking store as MLFLOW_TRACKING_URI, cwd in tmp_path."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m sdd ...` in a subprocess (the real CLI, exit status and stderr)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.run([sys.executable, "-m", "sdd", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,72 @@
+import dataclasses
+
+import pytest
+
+from sdd.config import (DataConfig, DistillChainConfig, ModelConfig, OptimConfig, PruneConfig, TrainConfig,
+                        config_hash, flat_fields, from_flat_dict, from_params, parse_value, to_flat_dict)
+from sdd.errors import UsageError
+
+
+def test_hash_is_stable_across_processes_and_releases():
+    # Pinned: a change here silently orphans every finished run in users' stores (no reuse).
+    assert config_hash(TrainConfig()) == "40ff2633159cfebb"
+
+
+def test_hash_ignores_fields_that_do_not_change_results():
+    base = TrainConfig()
+    assert config_hash(dataclasses.replace(base, device="cpu", force=True)) == config_hash(base)
+    assert config_hash(TrainConfig(data=DataConfig(data_dir="/elsewhere"))) == config_hash(base)
+
+
+def test_hash_changes_with_every_result_changing_field():
+    base = config_hash(TrainConfig())
+    variants = [TrainConfig(model=ModelConfig(width=65)), TrainConfig(data=DataConfig(noise=0.3)),
+                TrainConfig(optim=OptimConfig(seed=1)), TrainConfig(save_epochs=(10,)),
+                TrainConfig(data=DataConfig(noise_kind="random"))]
+    hashes = {config_hash(v) for v in variants}
+    assert base not in hashes and len(hashes) == len(variants)
+    assert config_hash(PruneConfig(parent="a"), parent="a") != config_hash(PruneConfig(parent="a"), parent="b")
+
+
+def test_flat_names_are_unique_and_round_trip():
+    for cls in (TrainConfig, PruneConfig, DistillChainConfig):
+        names = list(flat_fields(cls))
+        assert len(names) == len(set(names))
+    cfg = TrainConfig(model=ModelConfig(width=7), save_epochs=(1, 2))
+    assert from_flat_dict(TrainConfig, to_flat_dict(cfg)) == cfg
+    params = {k: ",".join(map(str, v)) if isinstance(v, list) else ("" if v is None else str(v))
+              for k, v in to_flat_dict(cfg).items()}
+    assert from_params(TrainConfig, {**params, "num_params": "123"}) == cfg
+
+
+def test_unknown_option_is_a_usage_error():
+    with pytest.raises(UsageError, match="unknown option"):
+        from_flat_dict(TrainConfig, {"widht": 3})
+
+
+@pytest.mark.parametrize("tp,text,value", [(int, " 3", 3), (float, "1e-3", 1e-3), (bool, "yes", True),
+                                           (bool, "false", False), (int | None, "", None),
+                                           (tuple[int, ...], "100, 500", (100, 500)), (tuple[int, ...], "", ())])
+def test_parse_value(tp, text, value):
+    assert parse_value(tp, text) == value
+
+
+@pytest.mark.parametrize("tp,text", [(int, "abc"), (int, "1.5"), (float, "nan"), (float, "x"), (bool, "maybe"),
+                                     (tuple[int, ...], "1,a")])
+def test_parse_value_rejects(tp, text):
+    with pytest.raises(ValueError):
+        parse_value(tp, text)
+
+
+@pytest.mark.parametrize("cfg", [
+    TrainConfig(model=ModelConfig(width=0)), TrainConfig(data=DataConfig(noise=1.0)),
+    TrainConfig(data=DataConfig(noise=-0.1)), TrainConfig(optim=OptimConfig(epochs=0)),
+    TrainConfig(optim=OptimConfig(lr=-1)), TrainConfig(save_epochs=(5000,)),
+    TrainConfig(data=DataConfig(augment=True)),
+    PruneConfig(parent="x", rate=1.0), PruneConfig(parent="x", rate=0.0),
+    PruneConfig(parent="x", target_sparsity=1.0), PruneConfig(parent="x", levels=3, target_sparsity=0.5),
+    PruneConfig(parent=""),
+])
+def test_validation_rejects_bad_values(cfg):
+    with pytest.raises(UsageError):
+        cfg.validate()

@@ -1,0 +1,98 @@
+"""The `train` step against a real sqlite MLflow store."""
+
+import math
+
+import mlflow
+import pytest
+import torch
+
+from conftest import run_cli, tiny_train
+from sdd import models, tracking
+from sdd.checkpoints import load_state
+from sdd.cli import main
+from sdd.dense import run_train
+from sdd.measures import predict
+
+
+def _all_runs(uri):
+    client = tracking.get_client(uri)
+    exps = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in exps]) if exps else []
+
+
+def test_train_logs_the_full_record(store, tmp_path):
+    cfg = tiny_train(save_epochs=(10,), rewind_step=5)
+    result = run_train(cfg)
+    client = tracking.get_client()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and not result.reused
+    assert run.data.tags["sdd.step"] == "train" and len(run.data.tags["sdd.config_hash"]) == 16
+    assert run.data.params["width"] == "16" and run.data.params["noise_kind"] == "symmetric"
+    model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    assert int(run.data.params["num_params"]) == models.count_params(model) == 40 * 16 + 16 + 16 * 10 + 10
+    history = client.get_metric_history(result.run_id, "test_acc")
+    assert sorted(m.step for m in history) == list(range(0, 41))  # epoch 0 (init) to 40, once each
+    for key in ("train_acc_clean", "train_acc_noisy", "val_acc", "learning_distance", "entropy", "nonzero_params"):
+        assert key in run.data.metrics
+    assert any(k.startswith("entropy/") for k in run.data.metrics)
+    assert run.data.metrics["wrong_label_rate"] == pytest.approx(0.2)
+    arts = {a.path for a in client.list_artifacts(result.run_id, "checkpoints")}
+    assert arts == {"checkpoints/init.pt", "checkpoints/final.pt", "checkpoints/epoch_10.pt", "checkpoints/step_5.pt"}
+    noise = load_state(client.download_artifacts(result.run_id, "noise/noisy_idx.pt", str(tmp_path)))
+    assert len(noise["noisy_idx"]) == 80  # exactly round(0.2 * 400) symmetric flips
+    # The logged model is the final model: its test accuracy measured again equals the logged one.
+    from sdd.problem import load_problem
+    problem = load_problem(cfg.data, torch.device("cpu"))
+    acc = (predict(model, problem.splits.x_test).argmax(1) == problem.splits.y_test).float().mean().item()
+    assert acc == pytest.approx(run.data.metrics["test_acc"])
+
+
+def test_same_config_reuses_finished_run_and_force_retrains(store):
+    first = run_train(tiny_train(epochs=5))
+    again = run_train(tiny_train(epochs=5))
+    assert again.reused and again.run_id == first.run_id
+    forced = run_train(tiny_train(epochs=5, force=True))
+    assert not forced.reused and forced.run_id != first.run_id
+
+
+def test_training_is_deterministic(store):
+    a = run_train(tiny_train(epochs=8), experiment="a")
+    b = run_train(tiny_train(epochs=8), experiment="b")
+    client = tracking.get_client()
+    for key in ("test_acc", "train_loss", "learning_distance"):
+        ha = [(m.step, m.value) for m in client.get_metric_history(a.run_id, key)]
+        hb = [(m.step, m.value) for m in client.get_metric_history(b.run_id, key)]
+        assert sorted(ha) == sorted(hb)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--dataset", "mnist2d"], "invalid choice"),
+    (["--model", "transformer"], "invalid choice"),
+    (["--width", "0"], "--width must be > 0"),
+    (["--width", "abc"], "expected an integer"),
+    (["--noise", "1.0"], "--noise must be in [0, 1)"),
+    (["--noise", "-0.2"], "--noise must be in [0, 1)"),
+    (["--noise", "lots"], "expected a number"),
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "cifar"),
+    (["--dataset", "cifar10"], "data"),
+    (["--noise-kind", "gaussian"], "invalid choice"),
+    (["--save-epochs", "1,x"], "expected an integer"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_run(store, capsys, args, needle):
+    assert main(["train", "--train-size", "100", "--epochs", "2", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdd: error:") and "\n" not in err and needle in err
+    assert _all_runs(store) == []
+
+
+def test_cli_subprocess_exit_status(store, tmp_path):
+    bad = run_cli("train", "--width", "-3", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+    ok = run_cli("train", "--train-size", "200", "--test-size", "100", "--val-size", "50", "--width", "8",
+                 "--epochs", "3", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "mlflow ui" in ok.stdout
+    runs = _all_runs(store)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert math.isfinite(runs[0].data.metrics["test_acc"])
