@@ -1,0 +1,199 @@
+"""The `prune` step: chains of level runs under a dense parent, in a real sqlite MLflow store."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+
+from conftest import tiny_train
+from sdd import models, tracking
+from sdd.checkpoints import load_sparse, load_state
+from sdd.chain import run_prune
+from sdd.cli import main
+from sdd.config import PruneConfig
+from sdd.dense import run_train
+from sdd.measures import predict
+from sdd.problem import load_problem
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory, empty_store):
+    """A store holding one tiny dense run with a saved epoch and a rewind step."""
+    folder = tmp_path_factory.mktemp("prune")
+    shutil.copy(empty_store, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.chdir(folder)
+        cfg = tiny_train(width=32, epochs=60, save_epochs=(20,), rewind_step=3)
+        result = run_train(cfg)
+        yield {"uri": uri, "run_id": result.run_id, "cfg": cfg, "folder": folder}
+
+
+@pytest.fixture
+def env(parent, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", parent["uri"])
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(parent["folder"])
+    return parent
+
+
+def _levels(client, chain_id):
+    runs = tracking.search(client, tracking.get_run(client, chain_id).info.experiment_id,
+                           tags={"sdd.step": "level"}, parent=chain_id)
+    return sorted(runs, key=lambda r: int(r.data.tags["sdd.level"]))
+
+
+def test_chain_lineage_measures_and_phases(env, tmp_path):
+    result = run_prune(PruneConfig(parent=env["run_id"], levels=3, epochs=10, register=False))
+    client = tracking.get_client()
+    chain = client.get_run(result.run_id)
+    tags = chain.data.tags
+    assert chain.info.status == "FINISHED"
+    assert tags["sdd.step"] == "prune" and tags["mlflow.parentRunId"] == env["run_id"]
+    assert tags["sdd.dense_run_id"] == env["run_id"] and "sdd.config_hash" in tags
+    assert len(tags["sdd.phases"].split(",")) == 4 and tags["sdd.phases"].startswith("dense,")
+    assert "sdd.it_level" in tags
+    levels = _levels(client, result.run_id)
+    assert [r.data.tags["sdd.level"] for r in levels] == ["1", "2", "3"]
+    for level, run in enumerate(levels, start=1):
+        assert run.data.tags["mlflow.parentRunId"] == result.run_id
+        assert run.data.tags["sdd.dense_run_id"] == env["run_id"]
+        # sparsity is counted from the weights: 20% of the remaining weights per level
+        assert run.data.metrics["sparsity"] == pytest.approx(1 - 0.8 ** level, abs=2e-3)
+        for key in ("pruned_test_acc", "train_acc_noisy", "train_acc_clean", "val_acc", "entropy",
+                    "learning_distance", "learning_distance_level", "nonzero_params"):
+            assert key in run.data.metrics
+        assert any(k.startswith("sparsity/") for k in run.data.metrics)
+    steps = sorted(m.step for m in client.get_metric_history(result.run_id, "test_acc"))
+    assert steps == [0, 1, 2, 3]
+    # A level artifact holds that level's weights and mask, and the mask matches the zeros.
+    state, masks = load_sparse(client.download_artifacts(levels[-1].info.run_id, "level/weights.pt", str(tmp_path)))
+    for name, mask in masks.items():
+        assert torch.all(state[name][~mask] == 0)
+    phases = client.download_artifacts(result.run_id, "phases.csv", str(tmp_path))
+    assert open(phases).read().count("\n") == 5
+    again = run_prune(PruneConfig(parent=env["run_id"], levels=3, epochs=10, register=False))
+    assert again.reused and again.run_id == result.run_id
+
+
+@pytest.mark.parametrize("mode", ["finetune", "lr_rewind", "weight_rewind", "reinit"])
+def test_retrain_mode_starts_from_the_weights_it_claims(env, tmp_path, mode):
+    # A vanishing lr leaves the weights where retraining started, so the level's saved weights show it.
+    extra = {"rewind_step": 3} if mode == "weight_rewind" else {}
+    result = run_prune(PruneConfig(parent=env["run_id"], levels=1, epochs=1, lr=1e-12, retrain=mode,
+                                   register=False, **extra))
+    client = tracking.get_client()
+    (level,) = _levels(client, result.run_id)
+    state, masks = load_sparse(client.download_artifacts(level.info.run_id, "level/weights.pt", str(tmp_path)))
+    final = load_state(client.download_artifacts(env["run_id"], "checkpoints/final.pt", str(tmp_path)))
+    init = load_state(client.download_artifacts(env["run_id"], "checkpoints/init.pt", str(tmp_path)))
+    step3 = load_state(client.download_artifacts(env["run_id"], "checkpoints/step_3.pt", str(tmp_path)))
+    expected = {"finetune": final, "lr_rewind": final, "weight_rewind": step3}.get(mode)
+    for name, mask in masks.items():
+        w = state[name]
+        if expected is not None:
+            assert torch.allclose(w, expected[name] * mask, atol=1e-6), name
+        else:  # reinit: a fresh draw, neither the original init nor the trained weights
+            assert not torch.allclose(w, init[name] * mask, atol=1e-3)
+            assert not torch.allclose(w, final[name] * mask, atol=1e-3)
+            assert torch.all(w[~mask] == 0)
+
+
+def test_start_epoch_and_layerwise_gradient_criterion(env):
+    result = run_prune(PruneConfig(parent=env["run_id"], start_epoch=20, levels=2, epochs=5, scope="layerwise",
+                                   criterion="gradient", keep_output_dense=True, register=False))
+    client = tracking.get_client()
+    last = _levels(client, result.run_id)[-1]
+    assert last.data.metrics["sparsity/fc.weight"] == 0.0
+    assert last.data.metrics["sparsity/linear1.weight"] == pytest.approx(0.36, abs=1e-3)
+
+
+def test_registry_alias_round_trip(env):
+    result = run_prune(PruneConfig(parent=env["run_id"], levels=3, epochs=10, criterion="random", seed=3))
+    client = tracking.get_client()
+    version = client.get_model_version_by_alias("sdd-mnist1d-mlp", "best-sparse")
+    assert version.tags["dense_run_id"] == env["run_id"]
+    model = mlflow.pytorch.load_model("models:/sdd-mnist1d-mlp@best-sparse")
+    weights = models.prunable_weights(model)
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    assert zeros / total == pytest.approx(float(version.tags["sparsity"]), abs=1e-6)
+    problem = load_problem(env["cfg"].data, torch.device("cpu"))
+    acc = (predict(model, problem.splits.x_test).argmax(1) == problem.splits.y_test).float().mean().item()
+    assert acc == pytest.approx(float(version.tags["test_acc"]), abs=1e-6)
+    assert result.metrics["best_test_acc"] == pytest.approx(float(version.tags["test_acc"]))
+
+
+def test_resume_after_kill_continues_without_duplicates(env):
+    args = [sys.executable, "-m", "sdd", "prune", "--parent", env["run_id"], "--levels", "4", "--epochs", "400",
+            "--register", "false", "--seed", "7"]
+    proc = subprocess.Popen(args, cwd=env["folder"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = tracking.get_client()
+    deadline = time.time() + 240
+    chain_id = None
+    try:
+        while time.time() < deadline:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      "tags.`sdd.step` = 'level' and attributes.status = 'FINISHED'")
+            mine = [r for r in runs if client.get_run(r.data.tags["sdd.chain_run_id"]).data.params.get("seed") == "7"]
+            if len(mine) >= 2:
+                chain_id = mine[0].data.tags["sdd.chain_run_id"]
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert chain_id is not None, "chain did not reach level 2 in time"
+    assert client.get_run(chain_id).info.status == "RUNNING"  # left behind by the kill
+    resumed = run_prune(PruneConfig(parent=env["run_id"], levels=4, epochs=400, register=False, seed=7))
+    assert resumed.run_id == chain_id and not resumed.reused
+    assert client.get_run(chain_id).info.status == "FINISHED"
+    levels = _levels(client, chain_id)
+    assert [r.data.tags["sdd.level"] for r in levels] == ["1", "2", "3", "4"]
+    assert all(r.info.status == "FINISHED" for r in levels)
+    history = client.get_metric_history(chain_id, "test_acc")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+    # The resumed chain equals an uninterrupted one with the same seeds, bit for bit on CPU.
+    fresh = run_prune(PruneConfig(parent=env["run_id"], levels=4, epochs=400, register=False, seed=7, force=True))
+    for key in ("test_acc", "train_loss", "sparsity"):
+        a = sorted((m.step, m.value) for m in client.get_metric_history(chain_id, key))
+        b = sorted((m.step, m.value) for m in client.get_metric_history(fresh.run_id, key))
+        assert a == b, key
+
+
+def _count_runs(client):
+    return len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+
+@pytest.mark.parametrize("make_args,needle", [
+    (lambda p: ["--parent", "0123456789abcdef0123456789abcdef"], "not found"),
+    (lambda p: ["--parent", "not-a-run"], "not a run id"),
+    (lambda p: ["--parent", p, "--start-epoch", "7"], "no saved epoch 7"),
+    (lambda p: ["--parent", p, "--rate", "1.5"], "--rate must be in (0, 1)"),
+    (lambda p: ["--parent", p, "--rate", "0"], "--rate must be in (0, 1)"),
+    (lambda p: ["--parent", p, "--target-sparsity", "1.0"], "--target-sparsity"),
+    (lambda p: ["--parent", p, "--criterion", "hessian"], "invalid choice"),
+    (lambda p: ["--parent", p, "--retrain", "anneal"], "invalid choice"),
+    (lambda p: ["--parent", p, "--retrain", "weight_rewind", "--rewind-step", "1000"], "--rewind-step 1000"),
+    (lambda p: ["--parent", f"runs:/{p}", "--levels", "x"], "expected an integer"),
+])
+def test_bad_input_exits_2_and_logs_nothing(env, capsys, make_args, needle):
+    client = tracking.get_client()
+    before = _count_runs(client)
+    assert main(["prune", *make_args(env["run_id"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdd: error:") and "\n" not in err and needle in err, err
+    assert _count_runs(client) == before
+
+
+def test_parent_that_is_not_a_dense_run_is_refused(env, capsys):
+    chain = run_prune(PruneConfig(parent=env["run_id"], levels=1, epochs=2, register=False, seed=11))
+    assert main(["prune", "--parent", chain.run_id]) == 2
+    assert "not a dense training run" in capsys.readouterr().err
