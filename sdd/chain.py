@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from sdd import models, pruning, registry, tracking
-from sdd.config import DistillConfig, PruneConfig, TrainConfig, config_hash, from_params, to_flat_dict
+from sdd.config import DistillConfig, PruneConfig, TrainConfig, config_hash, from_flat_dict, to_flat_dict
 from sdd.dense import StepResult, evaluate_all, nonzero_counts
 from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.errors import UsageError
@@ -70,9 +71,9 @@ def resolve_parent(client: MlflowClient, cfg: PruneConfig) -> Parent:
             raise UsageError(f"--rewind-step {cfg.rewind_step}: parent {run_id} saved weights only at steps "
                              f"{[0, *steps]} (train with --rewind-step)")
     try:
-        config = from_params(TrainConfig, run.data.params)
-    except (ValueError, UsageError) as err:
-        raise UsageError(f"--parent {run_id}: its params do not describe an sdd training ({err})") from None
+        config = from_flat_dict(TrainConfig, tracking.load_json_artifact(client, run_id, "config.json"))
+    except (OSError, ValueError, TypeError, MlflowException) as err:
+        raise UsageError(f"--parent {run_id}: no readable config.json of an sdd training ({err})") from None
     return Parent(run, config, start, rewind)
 
 

@@ -234,6 +234,8 @@ def parse_value(tp: Any, text: str) -> Any:
     if optional and t.lower() in _NONE:
         return None
     if typing.get_origin(inner) is tuple:
+        if t.lower() in _NONE:
+            return ()
         return tuple(parse_value(int, p) for p in t.replace(" ", "").split(",") if p)
     if inner is bool:
         if t.lower() in _TRUE:
@@ -267,13 +269,6 @@ def flat_fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
         else:
             out[f.name] = (f, tp)
     return out
-
-
-def from_params(cls: type, params: Mapping[str, str]) -> Any:
-    """Rebuild a config from a run's MLflow params (strings); params that are not fields are ignored."""
-    fields = flat_fields(cls)
-    values = {k: parse_value(fields[k][1], v) for k, v in params.items() if k in fields}
-    return from_flat_dict(cls, values)
 
 
 def to_flat_dict(config: Any, *, hashed_only: bool = False) -> dict[str, Any]:

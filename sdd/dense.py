@@ -92,6 +92,8 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
     weights = models.prunable_weights(model)
     num_params = models.count_params(model)
     tracking.log_params(client, run_id, {**to_flat_dict(cfg), "num_params": num_params})
+    # The effective config, exactly; params may hold `mlflow run`'s spelling of the -P values.
+    client.log_dict(run_id, to_flat_dict(cfg), "config.json")
     logger = tracking.MetricLogger(client, run_id)
     logger.log({"num_params": num_params, "wrong_label_rate": problem.wrong_label_rate}, 0)
     tracking.log_state(client, run_id, {"noisy_idx": problem.noisy_idx.cpu(),

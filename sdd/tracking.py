@@ -6,9 +6,12 @@ stack, so Ray trials, nested chains and tests cannot leak runs into each other.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -155,33 +158,48 @@ def start_run(client: MlflowClient, exp_id: str, *, name: str, tags: Mapping[str
 
 
 def discard_project_run(client: MlflowClient | None = None) -> None:
-    """Remove the run `mlflow run` created when the step turns out to have nothing to log into it.
+    """Remove the run `mlflow run` created when the step has nothing to log into it.
 
-    Used on bad input and when a finished run is reused. The run is first marked KILLED so that the
-    `mlflow run` launcher, which finalises only non-terminated runs, leaves it alone.
+    Used on bad input and when a finished run is reused. The `mlflow run` launcher finalises that
+    run after this process exits and fails on a deleted run, so a detached reaper deletes it once
+    the launcher has marked it terminated.
     """
     run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     if not run_id:
         return
     try:
-        client = client or get_client()
-        client.set_terminated(run_id, "KILLED")
-        client.delete_run(run_id)
+        uri = client.tracking_uri if client else tracking_uri()
+        subprocess.Popen([sys.executable, "-m", "sdd.tracking", "reap", uri, run_id], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except Exception as err:  # the store may be the very thing that is wrong
         log.warning("could not remove the mlflow-run project run %s: %s", run_id, err)
 
 
+def _reap(uri: str, run_id: str, timeout: float = 120.0) -> None:
+    client = get_client(uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and client.get_run(run_id).info.status == "RUNNING":
+        time.sleep(0.2)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "KILLED")
+    client.delete_run(run_id)
+
+
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
-    items = [Param(k, _param_str(v)) for k, v in params.items()]
+    """Log params, skipping keys already set (under `mlflow run` the project run holds the -P values)."""
+    existing = client.get_run(run_id).data.params
+    items = [Param(k, _param_str(v)) for k, v in params.items() if k not in existing]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
 
 
 def _param_str(value: Any) -> str:
+    """The spelling the CLI accepts back (so a param can be pasted as an option)."""
     if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
-    text = "" if value is None else str(value)
-    return text[:MAX_PARAM_CHARS]
+        value = ",".join(str(v) for v in value) or None
+    if isinstance(value, bool):
+        value = str(value).lower()
+    return ("none" if value is None else str(value))[:MAX_PARAM_CHARS]
 
 
 class MetricLogger:
@@ -244,6 +262,11 @@ def load_sparse_artifact(client: MlflowClient, run_id: str, artifact_path: str):
         return checkpoints.load_sparse(local)
 
 
+def load_json_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, artifact_path, tmp)).read_text())
+
+
 def log_model(client: MlflowClient, run_id: str, model: torch.nn.Module, artifact_path: str = "model") -> str:
     """Log a loadable PyTorch model; returns its runs:/ uri.
 
@@ -282,3 +305,8 @@ def get_run(client: MlflowClient, run_id: str) -> Run:
 
 def terminate(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status)))
+
+
+if __name__ == "__main__":  # the detached reaper of discard_project_run
+    if len(sys.argv) == 4 and sys.argv[1] == "reap":
+        _reap(sys.argv[2], sys.argv[3])

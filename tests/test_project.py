@@ -1,0 +1,50 @@
+"""The project files agree with each other: pins, MLproject parameters, CLI options."""
+
+import re
+import tomllib
+
+import yaml
+
+from conftest import ROOT
+from sdd import config as C
+from sdd.cli import COMMANDS, build_parser
+
+
+def _pyproject_deps() -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def test_conda_env_carries_the_same_pins_as_pyproject():
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(p for p in pip if p != "-e .") == sorted(_pyproject_deps())
+    assert "python=3.11" in conda["dependencies"]
+
+
+def test_required_pins():
+    deps = _pyproject_deps()
+    for pin in ("torch==2.14.1", "torchvision==0.29.1", "mlflow==3.17.2", "ray[tune,default]==2.60.0"):
+        assert pin in deps
+
+
+def _options(command: str) -> set[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return {opt[2:].replace("-", "_") for a in sub._actions for opt in a.option_strings
+            if opt.startswith("--") and opt != "--help"}
+
+
+def test_every_mlproject_entry_point_calls_the_cli_with_all_its_options():
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    for name, entry in project["entry_points"].items():
+        assert name in COMMANDS, f"MLproject entry point {name} has no CLI command"
+        assert entry["command"].startswith(f"python -m sdd {name}")
+        params = set(entry.get("parameters", {}))
+        used = set(re.findall(r"\{(\w+)\}", entry["command"]))
+        assert params == used, name
+        assert params <= _options(name), name
+
+
+def test_step_entry_points_expose_every_config_field():
+    project = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+    for name, cls in (("train", C.TrainConfig), ("prune", C.PruneConfig), ("distill", C.DistillChainConfig)):
+        assert set(C.flat_fields(cls)) <= set(project[name]["parameters"]), name
