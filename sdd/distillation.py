@@ -102,7 +102,7 @@ def load_teacher(client: MlflowClient, ref: str, input_shape: tuple[int, ...], n
     except Exception:
         raise UsageError(f"teacher {ref}: does not accept inputs of shape {tuple(input_shape)}") from None
     if out.ndim != 2 or out.shape[1] != num_classes:
-        raise UsageError(f"teacher {ref}: outputs {tuple(out.shape[1:])} classes, the dataset has {num_classes}")
+        raise UsageError(f"teacher {ref}: outputs {out.shape[1]} classes, the dataset has {num_classes}")
     for p in model.parameters():
         p.requires_grad_(False)
     return Teacher(model, resolved.uri, resolved.run_id)

@@ -6,36 +6,44 @@ A study file names up to three stages, run in this order:
 name: mnist1d_quick            # optional, default: the file's stem
 experiment: sdd                # optional MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME or 'sdd')
 storage_path: /shared/ray      # optional Ray Tune storage (shared storage or s3:// on multi-node clusters)
-retries: 1                     # optional, failed trials are run again this many times (default 1)
+retries: 1                     # optional, a failed trial is run again this many times (default 1)
 max_concurrent: 4              # optional cap on trials running at once (default: as resources allow)
 stages:
   dense:                       # one dense run per grid point
     recipe: {dataset: mnist1d, model: mlp, epochs: 2000}   # any `sdd train` option, shared by all points
     grid: {width: [8, 16, 32], seed: [0, 1]}               # any `sdd train` option, one axis per key
-    resources: {cpu: 1, gpu: 0}                            # or rules by width, see below
+    resources: {cpu: 1, gpu: 0}
   prune:                       # one chain per starting checkpoint x grid point
     start: {select: [before, below, at, above, after]}     # or a list of {width:, noise:, seed:, epoch:}
-    recipe: {levels: 20, epochs: 500}                      # any `sdd prune` option except parent / start-epoch
+    recipe: {levels: 20, epochs: 500}                      # any `sdd prune` option but parent, start_epoch
     grid: {retrain: [lr_rewind, finetune]}
-  distill:                     # as prune; also any `sdd distill` option, e.g. teacher, alpha, temperature
+  distill:                     # as prune, plus the `sdd distill` options teacher, alpha, temperature
     start: {select: [at]}
     recipe: {teacher: best_dense, alpha: 0.8, temperature: 10}
 ```
 
-`start.select` picks, per group of dense runs that differ only in width and seed (e.g. per noise level),
-the widths around the interpolation threshold (IT = smallest width whose mean noisy-subset train accuracy
-over seeds reaches `threshold`): `below` / `at` / `above` the IT, and the control widths `before`
-(largest width <= IT / control_factor) and `after` (smallest width >= IT * control_factor).
+`grid` may also be a list of such mappings: the union of their products, for points that share no
+product (e.g. a ResNet-18 teacher and a VGG-like student in one dense stage).
 
-Teachers (distill): `best_dense` (the dense run of the study's dense stage with the best val_acc among
-those with the same data settings as the chain's start, e.g. the same noise level), `parent` (the chain's
-own dense parent: self-distillation), or any reference `sdd distill --teacher` accepts.
+`start: {select: [...]}` picks, per group of dense runs that differ only in width and seed (e.g. per
+noise level), widths around the interpolation threshold (IT: the smallest width whose noisy-subset
+train accuracy, mean over seeds, reaches `threshold`, default 0.99): `below`, `at` and `above` it, and
+the controls `before` (largest width <= IT / control_factor) and `after` (smallest width >= IT *
+control_factor; control_factor defaults to 4). `seeds` (default: the smallest dense seed) and `epoch`
+(default: final weights; else one of the dense stage's save_epochs) say which checkpoints. A list
+instead names checkpoints by dense options: `[{width: 64, noise: 0.2, seed: 0, epoch: 500}]`.
 
-`resources` is `{cpu:, gpu:}` (fractional GPUs below 1 share a GPU) or a list of rules
-`[{max_width: 16, cpu: 1, gpu: 0.25}, {cpu: 1, gpu: 0.5}]`: the first rule whose max_width is >= the
-model's width applies (for chains: the dense parent's width); a rule without max_width covers the rest.
+Teachers (distill): `best_dense` (of the study's dense runs trained on the same data as the chain's
+start, e.g. the same noise level, the one with the best val_acc), `best_dense:model=resnet18` (the same,
+among the dense runs with these options), `parent` (the chain's own dense parent: self-distillation), or
+any reference `sdd distill --teacher` accepts (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model,
+a run id).
 
-Every error is one line naming the file, the key path and what is accepted.
+`resources`: `{cpu:, gpu:}` per trial (gpu below 1 shares a GPU), or a list of rules by model width
+`[{max_width: 16, cpu: 1, gpu: 0.25}, {cpu: 1, gpu: 0.5}]`: the first rule with max_width >= the
+width applies (for chains, the dense parent's width); the last rule may omit max_width.
+
+Any error is one line naming the file, the key path and what is accepted.
 """
 
 from __future__ import annotations
@@ -53,8 +61,8 @@ from sdd.errors import UsageError
 
 STAGES = ("dense", "prune", "distill")
 ROLES = ("before", "below", "at", "above", "after")
-TEACHER_SELECTORS = ("best_dense", "parent")
-# Set by the starting checkpoint, never by the file.
+BEST_DENSE, PARENT = "best_dense", "parent"
+# Set from the starting checkpoint, never by the file.
 CHAIN_RESERVED = ("parent", "start_epoch")
 _TOP_KEYS = ("name", "description", "experiment", "storage_path", "retries", "max_concurrent", "stages")
 _STAGE_KEYS = {"dense": ("recipe", "grid", "resources"),
@@ -64,6 +72,9 @@ _START_KEYS = ("select", "threshold", "control_factor", "seeds", "epoch")
 _RULE_KEYS = ("max_width", "cpu", "gpu")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _PLACEHOLDER_RUN = "0" * 32
+_TEACHERS = (f"{BEST_DENSE}, {BEST_DENSE}:OPTION=VALUE[,...], {PARENT}, models:/NAME@ALIAS, models:/NAME/VERSION, "
+             "runs:/ID/model or a run id")
+_TRAIN_FIELDS = C.flat_fields(C.TrainConfig)
 
 
 @dataclass(frozen=True)
@@ -99,40 +110,56 @@ class AutoStart:
 
 @dataclass(frozen=True)
 class ExplicitStart:
-    """One starting checkpoint named by dense-stage settings (width, noise, seed, ...) and an epoch."""
+    """One starting checkpoint, named by dense-stage options (width, noise, seed, ...) and an epoch."""
 
     match: dict[str, Any]
     epoch: int | None = None
 
     def label(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.match.items())
+        return ",".join(f"{k}={show_value(v)}" for k, v in self.match.items())
+
+
+@dataclass(frozen=True)
+class TeacherSelector:
+    """`best_dense[:k=v,...]`: the best-val_acc dense run on the chain's data, among runs with these options."""
+
+    where: dict[str, Any]
+
+    def accepts(self, config: dict[str, Any]) -> bool:
+        return all(show_value(config.get(k)) == show_value(v) for k, v in self.where.items())
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: shared `recipe` values, `grid` axes (file order), resources; chains also `start`."""
+    """One stage: shared `recipe` values, `grids` (their union of products), resources; chains: `start`."""
 
     kind: str
     recipe: dict[str, Any]
-    grid: dict[str, tuple[Any, ...]]
+    grids: tuple[dict[str, tuple[Any, ...]], ...]
     resources: Resources = Resources()
     start: AutoStart | tuple[ExplicitStart, ...] | None = None
 
+    @property
+    def axes(self) -> list[str]:
+        return list(dict.fromkeys(k for grid in self.grids for k in grid))
+
     def points(self) -> list[tuple[str, dict[str, Any]]]:
         """Every grid point as (label of its axis values, recipe + axis values)."""
-        axes = list(self.grid)
         out = []
-        for values in itertools.product(*(self.grid[a] for a in axes)):
-            chosen = dict(zip(axes, values))
-            label = ",".join(f"{k}={show_value(v)}" for k, v in chosen.items())
-            out.append((label, {**self.recipe, **chosen}))
+        for grid in self.grids:
+            for values in itertools.product(*grid.values()):
+                chosen = dict(zip(grid, values))
+                label = ",".join(f"{k}={show_value(v)}" for k, v in chosen.items())
+                out.append((label, {**self.recipe, **chosen}))
         return out
 
-    def values(self, key: str, default: Any) -> tuple[Any, ...]:
-        """All values `key` takes in this stage."""
-        if key in self.grid:
-            return self.grid[key]
-        return (self.recipe.get(key, default),)
+    def values(self, key: str, default: Any) -> list[Any]:
+        """The distinct values `key` takes over the stage's points (`default` where no point sets it)."""
+        seen: dict[str, Any] = {}
+        for _, point in self.points():
+            value = point.get(key, default)
+            seen.setdefault(show_value(value), value)
+        return list(seen.values())
 
 
 @dataclass(frozen=True)
@@ -153,18 +180,44 @@ class StudyFile:
         return [s for s in STAGES if s in self.stages]
 
 
+def show_value(value: Any) -> str:
+    """A value as labels and messages print it (0.2, not 0.20000000000000001; lists as [a,b])."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def display_path(path: Path) -> str:
-    """The path relative to the working directory when inside it (stable across machines and
-    `ray job submit` working-dir copies), else absolute."""
+    """Relative to the working directory when inside it (stable across clones and `ray job submit`
+    working-dir copies), else absolute."""
     resolved = path.resolve()
     try:
         return str(resolved.relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(resolved)
+
+
+def parse_teacher(value: str) -> TeacherSelector | str:
+    """A `best_dense[:k=v,...]` selector, or the reference / `parent` as given."""
+    if value != BEST_DENSE and not value.startswith(BEST_DENSE + ":"):
+        return value
+    where: dict[str, Any] = {}
+    for part in filter(None, value[len(BEST_DENSE) + 1:].split(",")):
+        name, _, text = part.partition("=")
+        name = name.strip()
+        if name not in _TRAIN_FIELDS or not text.strip():
+            raise ValueError(f"{part!r} is not OPTION=VALUE with a dense option")
+        where[name] = C.parse_value(_TRAIN_FIELDS[name][1], text)
+    return TeacherSelector(where)
+
+
+def with_storage(study: StudyFile, storage_path: str | None) -> StudyFile:
+    """The study with a command-line storage path taking precedence over the file's."""
+    return replace(study, storage_path=storage_path) if storage_path else study
 
 
 def load_study(path: str | Path) -> StudyFile:
@@ -184,8 +237,8 @@ def load_study(path: str | Path) -> StudyFile:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or "syntax error"
-        raise UsageError(f"{shown}: not valid YAML{where}: {problem}") from None
+        raise UsageError(f"{shown}: not valid YAML{where}: {getattr(err, 'problem', None) or 'syntax error'}") \
+            from None
     return _Parser(shown).study(data, path, text)
 
 
@@ -215,19 +268,26 @@ class _Parser:
             raise self.fail(key, f"expected {what} {'>' if strict else '>='} {minimum:g}, got {value!r}")
         return int(value) if integer else float(value)
 
+    def text(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"expected a non-empty string, got {_kind(value)}")
+        return value.strip()
+
+    def optional_text(self, value: Any, key: str) -> str | None:
+        return None if value is None else self.text(value, key)
+
     # --- the file -----------------------------------------------------------------------------
 
     def study(self, data: Any, path: Path, text: str) -> StudyFile:
         data = self.mapping(data, "", _TOP_KEYS)
-        if "stages" not in data:
-            raise self.fail("stages", f"missing; give at least one of: {', '.join(STAGES)}")
-        stages_data = data["stages"]
+        stages_data = data.get("stages")
         if not isinstance(stages_data, dict) or not stages_data:
-            raise self.fail("stages", f"expected a non-empty mapping of stages ({', '.join(STAGES)})")
+            raise self.fail("stages", f"expected a non-empty mapping of stages ({', '.join(STAGES)}), got "
+                                      f"{_kind(stages_data)}")
         self.mapping(stages_data, "stages", STAGES)
         name = self.text(data.get("name", path.stem), "name")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise self.fail("name", f"expected letters, digits, '_', '-', '.', got {name!r}")
+            raise self.fail("name", f"expected letters, digits, '_', '-' and '.', got {name!r}")
         stages: dict[str, Stage] = {}
         if "dense" in stages_data:
             stages["dense"] = self.dense(stages_data["dense"])
@@ -235,7 +295,7 @@ class _Parser:
             if kind in stages_data:
                 if "dense" not in stages:
                     raise self.fail(f"stages.{kind}", "needs a dense stage in the same file: its starting "
-                                                      "checkpoints are dense runs of that stage")
+                                                      "checkpoints are runs of that stage")
                 stages[kind] = self.chain(kind, stages_data[kind], stages["dense"])
         max_concurrent = data.get("max_concurrent")
         if max_concurrent is not None:
@@ -245,32 +305,26 @@ class _Parser:
             experiment=self.optional_text(data.get("experiment"), "experiment"),
             storage_path=self.optional_text(data.get("storage_path"), "storage_path"),
             retries=int(self.number(data.get("retries", 1), "retries", minimum=0, integer=True)),
-            max_concurrent=max_concurrent, description=self.optional_text(data.get("description"),
-                                                                            "description") or "",
-            stages=stages)
-
-    def text(self, value: Any, key: str) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(key, f"expected a non-empty string, got {_kind(value)}")
-        return value.strip()
-
-    def optional_text(self, value: Any, key: str) -> str | None:
-        return None if value is None else self.text(value, key)
+            max_concurrent=max_concurrent,
+            description=self.optional_text(data.get("description"), "description") or "", stages=stages)
 
     # --- stages -------------------------------------------------------------------------------
 
     def dense(self, data: Any) -> Stage:
         key = "stages.dense"
         data = self.mapping(data, key, _STAGE_KEYS["dense"])
-        fields = C.flat_fields(C.TrainConfig)
-        recipe, grid = self.recipe_and_grid(data, key, fields)
-        stage = Stage("dense", recipe, grid, self.resources(data.get("resources"), f"{key}.resources"))
+        recipe, grids = self.recipe_and_grids(data, key, _TRAIN_FIELDS)
+        stage = Stage("dense", recipe, grids, self.resources(data.get("resources"), f"{key}.resources"))
         for label, point in stage.points():
             try:
                 C.from_flat_dict(C.TrainConfig, point).validate()
             except UsageError as err:
                 raise self.fail(key, f"grid point {label or '(recipe)'}: {_plain(err)}") from None
-        self.cover_widths(stage.resources, stage.values("width", C.ModelConfig().width), f"{key}.resources")
+            teacher = point.get("teacher")
+            if teacher is not None and not (teacher.startswith(("models:/", "runs:/")) or _RUN_ID.match(teacher)):
+                raise self.fail(key, f"grid point {label or '(recipe)'}: teacher {teacher!r}: a dense run takes "
+                                     "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a run id")
+        self.cover_widths(stage.resources, stage, f"{key}.resources")
         return stage
 
     def chain(self, kind: str, data: Any, dense: Stage) -> Stage:
@@ -279,77 +333,88 @@ class _Parser:
         cls = C.PruneConfig if kind == "prune" else C.DistillChainConfig
         fields = {k: v for k, v in C.flat_fields(cls).items() if k not in CHAIN_RESERVED}
         for part in ("recipe", "grid"):
-            reserved = [k for k in (data.get(part) or {}) if k in CHAIN_RESERVED] \
-                if isinstance(data.get(part), dict) else []
-            if reserved:
-                raise self.fail(f"{key}.{part}.{reserved[0]}", "is set by the starting checkpoint; name "
-                                                               "checkpoints under `start` instead")
-        recipe, grid = self.recipe_and_grid(data, key, fields)
-        if kind == "distill":
-            teachers = grid.get("teacher") or (recipe.get("teacher"),)
-            if teachers == (None,):
-                raise self.fail(f"{key}.recipe.teacher", "missing; give best_dense, parent, models:/NAME@ALIAS, "
-                                                         "models:/NAME/VERSION, runs:/ID/model or a run id")
-            where = f"{key}.grid.teacher" if "teacher" in grid else f"{key}.recipe.teacher"
-            for teacher in teachers:
-                self.teacher(teacher, where)
+            for mapping in _mappings(data.get(part)):
+                reserved = [k for k in mapping if k in CHAIN_RESERVED]
+                if reserved:
+                    raise self.fail(f"{key}.{part}.{reserved[0]}", "is set by the starting checkpoint; name "
+                                                                   "checkpoints under `start` instead")
+        recipe, grids = self.recipe_and_grids(data, key, fields)
         if "start" not in data:
             raise self.fail(f"{key}.start", "missing; give {select: [" + ", ".join(ROLES) + "]} or a list of "
                                             "{width:, noise:, seed:, epoch:} naming dense checkpoints")
         start = self.start(data["start"], f"{key}.start", dense)
-        stage = Stage(kind, recipe, grid, self.resources(data.get("resources"), f"{key}.resources"), start)
+        stage = Stage(kind, recipe, grids, self.resources(data.get("resources"), f"{key}.resources"), start)
         for label, point in stage.points():
+            where = f"grid point {label or '(recipe)'}"
+            if kind == "distill":
+                self.teacher(point.get("teacher"), f"{key} ({where})", dense)
             try:
-                self.chain_config(kind, point).validate()
+                chain_config(kind, point).validate()
             except UsageError as err:
-                raise self.fail(key, f"grid point {label or '(recipe)'}: {_plain(err)}") from None
-        self.cover_widths(stage.resources, dense.values("width", C.ModelConfig().width), f"{key}.resources")
+                raise self.fail(key, f"{where}: {_plain(err)}") from None
+        self.cover_widths(stage.resources, dense, f"{key}.resources")
         return stage
 
-    @staticmethod
-    def chain_config(kind: str, point: dict[str, Any]) -> Any:
-        """The chain's config with a placeholder parent and teacher, to validate everything else."""
-        values = {**point, "parent": _PLACEHOLDER_RUN}
-        if kind == "prune":
-            return C.from_flat_dict(C.PruneConfig, values)
-        values["teacher"] = _PLACEHOLDER_RUN
-        return C.from_flat_dict(C.DistillChainConfig, values)
-
-    def teacher(self, value: Any, key: str) -> None:
+    def teacher(self, value: Any, key: str, dense: Stage) -> None:
+        if value is None:
+            raise self.fail(key, f"no teacher; set teacher in recipe or grid: {_TEACHERS}")
         if not isinstance(value, str):
-            raise self.fail(key, f"expected a string, got {_kind(value)}")
-        ok = value in TEACHER_SELECTORS or value.startswith(("models:/", "runs:/")) or _RUN_ID.match(value)
-        if not ok:
-            raise self.fail(key, f"{value!r} is not a teacher; accepted: {', '.join(TEACHER_SELECTORS)}, "
-                                 "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a run id")
+            raise self.fail(key, f"teacher: expected a string, got {_kind(value)}")
+        try:
+            parsed = parse_teacher(value)
+        except ValueError as err:
+            raise self.fail(key, f"teacher {value!r}: {err}") from None
+        if isinstance(parsed, TeacherSelector):
+            if not any(parsed.accepts({**_defaults(), **p}) for _, p in dense.points()):
+                raise self.fail(key, f"teacher {value!r}: no dense run of the study has these options")
+        elif not (parsed == PARENT or parsed.startswith(("models:/", "runs:/")) or _RUN_ID.match(parsed)):
+            raise self.fail(key, f"teacher {value!r}: accepted: {_TEACHERS}")
 
-    def recipe_and_grid(self, data: dict[str, Any], key: str,
-                        fields: dict[str, tuple[Any, Any]]) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
-        accepted = ", ".join(fields)
+    def recipe_and_grids(self, data: dict[str, Any], key: str, fields: dict[str, tuple[Any, Any]]
+                         ) -> tuple[dict[str, Any], tuple[dict[str, tuple[Any, ...]], ...]]:
         recipe_data = data.get("recipe") or {}
-        grid_data = data.get("grid") or {}
-        for part, value in (("recipe", recipe_data), ("grid", grid_data)):
-            if not isinstance(value, dict):
-                raise self.fail(f"{key}.{part}", f"expected a mapping of options, got {_kind(value)}")
-            for name in value:
-                if name not in fields:
-                    raise self.fail(f"{key}.{part}.{name}", f"unknown option; accepted: {accepted}")
+        if not isinstance(recipe_data, dict):
+            raise self.fail(f"{key}.recipe", f"expected a mapping of options, got {_kind(recipe_data)}")
+        self.known(recipe_data, f"{key}.recipe", fields)
         recipe = {name: self.value(v, f"{key}.recipe.{name}", fields[name]) for name, v in recipe_data.items()}
+        grid_data = data.get("grid") or {}
+        if isinstance(grid_data, list):
+            if not grid_data:
+                raise self.fail(f"{key}.grid", "expected a mapping of axes or a non-empty list of such mappings")
+            grids = tuple(self.grid(g, f"{key}.grid[{i}]", fields, recipe) for i, g in enumerate(grid_data))
+        else:
+            grids = (self.grid(grid_data, f"{key}.grid", fields, recipe),)
+        labels = [label for grid in grids for label, _ in Stage("", {}, (grid,)).points()]
+        twice = next((lb for i, lb in enumerate(labels) if lb in labels[:i]), None)
+        if twice is not None:
+            raise self.fail(f"{key}.grid", f"the point {twice} appears twice")
+        return recipe, grids
+
+    def grid(self, data: Any, key: str, fields: dict[str, tuple[Any, Any]],
+             recipe: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
+        if not isinstance(data, dict):
+            raise self.fail(key, f"expected a mapping of option: [values], got {_kind(data)}")
+        self.known(data, key, fields)
         grid: dict[str, tuple[Any, ...]] = {}
-        for name, values in grid_data.items():
-            where = f"{key}.grid.{name}"
+        for name, values in data.items():
+            where = f"{key}.{name}"
             if name in recipe:
                 raise self.fail(where, "is also in recipe; an option is either shared (recipe) or an axis (grid)")
             if not isinstance(values, list) or not values:
                 raise self.fail(where, f"expected a non-empty list of values (a grid axis), got {_kind(values)}")
             parsed = tuple(self.value(v, f"{where}[{i}]", fields[name]) for i, v in enumerate(values))
-            if len(set(map(show_value, parsed))) != len(parsed):
+            if len({show_value(v) for v in parsed}) != len(parsed):
                 raise self.fail(where, "lists a value twice")
             grid[name] = parsed
-        return recipe, grid
+        return grid
+
+    def known(self, data: dict[str, Any], key: str, fields: dict[str, tuple[Any, Any]]) -> None:
+        for name in data:
+            if name not in fields:
+                raise self.fail(f"{key}.{name}", f"unknown option; accepted: {', '.join(fields)}")
 
     def value(self, value: Any, key: str, spec: tuple[Any, Any]) -> Any:
-        """A typed option value: native YAML values of the field's type, or text the CLI would accept."""
+        """A typed option value: a YAML value of the field's type, or text the command line would accept."""
         f, tp = spec
         optional, inner = C.is_optional(tp)
         choices = f.metadata.get("choices")
@@ -358,7 +423,8 @@ class _Parser:
             if optional:
                 return None
             raise self.fail(key, f"expected {expected}, got null")
-        if isinstance(value, str) and not (inner is str):
+        if isinstance(value, str) and inner is not str:
+            # YAML reads 1e-4 (no dot) as text: accept what `sdd train --lr 1e-4` accepts.
             try:
                 value = C.parse_value(tp, value)
             except ValueError:
@@ -386,7 +452,12 @@ class _Parser:
             return self.auto_start(data, key, dense)
         if not isinstance(data, list) or not data:
             raise self.fail(key, "expected {select: [...]} or a non-empty list of {width:, noise:, seed:, epoch:}")
-        return tuple(self.explicit_start(item, f"{key}[{i}]", dense) for i, item in enumerate(data))
+        starts = tuple(self.explicit_start(item, f"{key}[{i}]", dense) for i, item in enumerate(data))
+        labels = [(s.label(), s.epoch) for s in starts]
+        twice = next((i for i, lb in enumerate(labels) if lb in labels[:i]), None)
+        if twice is not None:
+            raise self.fail(f"{key}[{twice}]", "names the same checkpoint as an earlier entry")
+        return starts
 
     def auto_start(self, data: dict[str, Any], key: str, dense: Stage) -> AutoStart:
         self.mapping(data, key, _START_KEYS)
@@ -395,7 +466,7 @@ class _Parser:
             raise self.fail(f"{key}.select", f"expected a non-empty list of: {', '.join(ROLES)}, got {roles!r}")
         threshold = self.number(data.get("threshold", 0.99), f"{key}.threshold", minimum=0.0, strict=True)
         if threshold > 1:
-            raise self.fail(f"{key}.threshold", f"expected a noisy-subset accuracy in (0, 1], got {threshold}")
+            raise self.fail(f"{key}.threshold", f"expected a noisy-subset accuracy in (0, 1], got {threshold:g}")
         factor = self.number(data.get("control_factor", 4.0), f"{key}.control_factor", minimum=1.0, strict=True)
         seeds = data.get("seeds")
         if seeds is not None:
@@ -404,41 +475,48 @@ class _Parser:
                 raise self.fail(f"{key}.seeds", f"expected a non-empty list of dense seeds "
                                                 f"({', '.join(map(str, dense_seeds))}), got {seeds!r}")
             seeds = tuple(seeds)
-        epoch = self.start_epoch(data.get("epoch"), f"{key}.epoch", dense)
+        epoch = data.get("epoch")
+        if epoch is not None:
+            epoch = int(self.number(epoch, f"{key}.epoch", minimum=0, integer=True))
+            self.saved(epoch, [p for _, p in dense.points()], f"{key}.epoch")
         return AutoStart(tuple(dict.fromkeys(roles)), threshold, factor, seeds, epoch)
 
     def explicit_start(self, item: Any, key: str, dense: Stage) -> ExplicitStart:
-        fields = C.flat_fields(C.TrainConfig)
-        if not isinstance(item, dict) or "width" not in item:
+        if not isinstance(item, dict) or not item or set(item) == {"epoch"}:
             raise self.fail(key, "expected a mapping naming a dense checkpoint, e.g. {width: 64, noise: 0.2, "
                                  "seed: 0, epoch: 500}")
         match: dict[str, Any] = {}
         for name, value in item.items():
             if name == "epoch":
                 continue
-            if name not in fields:
+            if name not in _TRAIN_FIELDS:
                 raise self.fail(f"{key}.{name}", "unknown key; accepted: epoch and the dense stage's options "
                                                  "(width, noise, seed, ...)")
-            value = self.value(value, f"{key}.{name}", fields[name])
-            options = dense.values(name, fields[name][0].default)
+            value = self.value(value, f"{key}.{name}", _TRAIN_FIELDS[name])
+            options = dense.values(name, _TRAIN_FIELDS[name][0].default)
             if not any(show_value(value) == show_value(o) for o in options):
                 raise self.fail(f"{key}.{name}", f"{show_value(value)} is not a {name} of the dense stage "
-                                                 f"({', '.join(map(show_value, options))})")
+                                                 f"(it has: {', '.join(map(show_value, options))})")
             match[name] = value
-        unpinned = [axis for axis, values in dense.grid.items() if len(values) > 1 and axis not in match]
-        if unpinned:
-            raise self.fail(key, f"matches several dense runs; also give: {', '.join(unpinned)}")
-        return ExplicitStart(match, self.start_epoch(item.get("epoch"), f"{key}.epoch", dense))
+        points = [{**_defaults(), **p} for _, p in dense.points()]
+        matches = [p for p in points if all(show_value(p[k]) == show_value(v) for k, v in match.items())]
+        if not matches:
+            raise self.fail(key, f"no dense grid point has {', '.join(f'{k}={show_value(v)}' for k, v in match.items())}")
+        if len(matches) > 1:
+            differ = [a for a in dense.axes if len({show_value(p[a]) for p in matches}) > 1]
+            raise self.fail(key, f"matches {len(matches)} dense runs; also give: {', '.join(differ)}")
+        epoch = item.get("epoch")
+        if epoch is not None:
+            epoch = int(self.number(epoch, f"{key}.epoch", minimum=0, integer=True))
+            self.saved(epoch, matches, f"{key}.epoch")
+        return ExplicitStart(match, epoch)
 
-    def start_epoch(self, value: Any, key: str, dense: Stage) -> int | None:
-        if value is None:
-            return None
-        epoch = int(self.number(value, key, minimum=0, integer=True))
-        for saved in dense.values("save_epochs", ()):
-            if epoch not in (saved or ()):
+    def saved(self, epoch: int, points: list[dict[str, Any]], key: str) -> None:
+        for point in points:
+            saved = point.get("save_epochs") or []
+            if epoch not in saved:
                 raise self.fail(key, f"epoch {epoch} is not saved by the dense stage (save_epochs: "
-                                     f"{', '.join(map(str, saved or ())) or 'none'}); add it to its save_epochs")
-        return epoch
+                                     f"{', '.join(map(str, saved)) or 'none'}); add it to its save_epochs")
 
     def resources(self, data: Any, key: str) -> Resources:
         if data is None:
@@ -463,32 +541,45 @@ class _Parser:
         cpu = self.number(item.get("cpu", 1), f"{key}.cpu", minimum=0.0, strict=True)
         gpu = self.number(item.get("gpu", 0), f"{key}.gpu", minimum=0.0)
         if gpu > 1 and not gpu.is_integer():
-            raise self.fail(f"{key}.gpu", f"fractions are for sharing one GPU (gpu < 1); above 1 give a whole "
-                                          f"number, got {gpu:g}")
+            raise self.fail(f"{key}.gpu", f"fractions share one GPU (gpu < 1); above 1 give a whole number, "
+                                          f"got {gpu:g}")
         max_width = item.get("max_width")
         if max_width is not None:
             max_width = int(self.number(max_width, f"{key}.max_width", minimum=1, integer=True))
         return ResourceRule(cpu, gpu, max_width)
 
-    def cover_widths(self, resources: Resources, widths: tuple[Any, ...], key: str) -> None:
+    def cover_widths(self, resources: Resources, dense: Stage, key: str) -> None:
+        widths = dense.values("width", C.ModelConfig().width)
         uncovered = [w for w in widths if resources.for_width(int(w)) is None]
         if uncovered:
             raise self.fail(key, f"no rule covers width {uncovered[0]}; end with a rule without max_width")
+
+
+def chain_config(kind: str, point: dict[str, Any], parent: str = _PLACEHOLDER_RUN,
+                 teacher: str = _PLACEHOLDER_RUN) -> Any:
+    """A chain's config from a grid point: PruneConfig, or DistillChainConfig for distill."""
+    values = {**point, "parent": parent}
+    if kind == "prune":
+        return C.from_flat_dict(C.PruneConfig, values)
+    return C.from_flat_dict(C.DistillChainConfig, {**values, "teacher": teacher})
+
+
+def _defaults() -> dict[str, Any]:
+    return {name: f.default for name, (f, _) in _TRAIN_FIELDS.items()}
+
+
+def _mappings(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, dict):
+        return [value]
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, (dict, list)):
-        return type(value).__name__
+        return f"a {type(value).__name__}"
     return repr(value)
-
-
-def show_value(value: Any) -> str:
-    """A value as labels and messages print it (0.2, not 0.20000000000000001; lists as [a,b])."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(map(str, value)) + "]"
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _type_name(tp: Any, choices: tuple[str, ...] | None, optional: bool) -> str:
@@ -503,8 +594,3 @@ def _type_name(tp: Any, choices: tuple[str, ...] | None, optional: bool) -> str:
 def _plain(err: Exception) -> str:
     """A config error as the study file spells options (width, not --width)."""
     return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), str(err))
-
-
-def with_storage(study: StudyFile, storage_path: str | None) -> StudyFile:
-    """The study with a command-line storage path taking precedence over the file's."""
-    return replace(study, storage_path=storage_path) if storage_path else study
