@@ -286,11 +286,13 @@ def _chain_table(client: MlflowClient, runs: Iterable[Run], dense: pd.DataFrame,
         return pd.DataFrame(columns=["chain_run_id", "step", "dense_run_id", "family", "width", "noise",
                                      "dense_seed", "start_epoch", "setting", "label", "reused"])
     # Chains that differ only in the dense seed form one group: their spread is the seed spread.
-    frame["group"] = frame.apply(lambda r: f"{r['family']} n{r['noise']:g} w{r['width']}"
+    frame["group"] = frame.apply(lambda r: f"{r['family']} n{r['noise']} w{r['width']}"
                                  + (f" e{r['start_epoch']}" if r["start_epoch"] is not None else "")
                                  + f" {r['setting']}", axis=1)
     frame["start_epoch"] = frame["start_epoch"].astype("object")
-    return frame.sort_values(["family", "noise", "width", "step", "setting", "dense_seed"], ignore_index=True)
+    order = frame["step"].map({step: i for i, step in enumerate(CHAIN_STEPS)})  # vanilla before distilled
+    frame = frame.assign(_order=order).sort_values(["family", "noise", "width", "_order", "setting", "dense_seed"])
+    return frame.drop(columns="_order").reset_index(drop=True)
 
 
 def _setting(row: Mapping[str, Any]) -> str:

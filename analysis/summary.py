@@ -49,6 +49,7 @@ class Analysis:
 
 
 def analyse(client: MlflowClient, study: Study, threshold: float = 0.99) -> Analysis:
+    """Everything the report needs from a loaded study; `threshold` is the IT rule's noisy-fit level."""
     curve = dd_curve(study.dense)
     thresholds = interpolation_thresholds(curve, threshold)
     levels = study.levels.copy()
@@ -59,11 +60,15 @@ def analyse(client: MlflowClient, study: Study, threshold: float = 0.99) -> Anal
         history = levels[mask].sort_values("level")
         result = chain_result(chain, history, curve, thresholds, threshold)
         levels.loc[history.index, "phase"] = result.pop("phases")
+        if result["phases_match"] is False:
+            log.warning("chain %s: its sdd.phases / sdd.it_level tags disagree with the phases recomputed at "
+                        "threshold %g (the report shows both)", chain["chain_run_id"], threshold)
         rows.append(result)
     chains = pd.DataFrame(rows)
     registered = registered_models(client, study)
     if not chains.empty:
-        holders = {r["chain_run_id"]: f"{r['name']} v{r['version']}" for r in registered.to_dict("records")}
+        holders = {r["chain_run_id"]: f"{r['name']} v{r['version']}" for r in registered.to_dict("records")
+                   if not pd.isna(r["version"])}
         chains["registered"] = chains["chain_run_id"].map(holders).fillna("")
     groups = seed_groups(chains, levels, curve)
     return Analysis(study, threshold, curve, thresholds, levels, chains, groups, distill_pairs(chains), registered)
@@ -90,14 +95,15 @@ def dd_curve(dense: pd.DataFrame) -> pd.DataFrame:
 
 def interpolation_thresholds(curve: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Per family and noise level: the IT width (first width whose mean noisy-subset train accuracy
-    reaches `threshold`) and where the mean test error peaks."""
+    reaches `threshold`) and the DD peak of the mean test error (see `dd_peak`)."""
     rows = []
     for (family, noise), part in curve.groupby(["family", "noise"], dropna=False, sort=True):
         part = part.sort_values("width")
         noisy = part["train_acc_noisy_mean"]
         has_noisy = bool(noisy.notna().any())
         it = width_threshold(part["width"].tolist(), noisy.fillna(-1.0).tolist(), threshold) if has_noisy else None
-        peak = part.loc[part["test_err_mean"].idxmax()] if part["test_err_mean"].notna().any() else None
+        peak = dd_peak(part["test_err_mean"].tolist())
+        peak = part.iloc[peak] if peak is not None else None
         it_params = part.loc[part["width"] == it, "num_params"].iloc[0] if it is not None else math.nan
         rows.append({"kind": "dd", "family": family, "noise": noise, "it_width": it, "it_num_params": it_params,
                      "it_threshold": threshold, "noisy_fit_available": has_noisy,
@@ -109,6 +115,18 @@ def interpolation_thresholds(curve: pd.DataFrame, threshold: float) -> pd.DataFr
     return pd.DataFrame(rows, columns=["kind", "family", "noise", "it_width", "it_num_params", "it_threshold",
                                        "noisy_fit_available", "max_noisy_fit", "peak_err_width", "peak_test_err",
                                        "n_widths", "min_seeds", "max_seeds"])
+
+
+def dd_peak(test_err: Sequence[float]) -> int | None:
+    """Index of the DD peak along width: the point whose test error rises most above the best
+    smaller model's. None when the error never rises with width (no peak inside the sweep)."""
+    best, low, peak = 0.0, math.inf, None
+    for i, err in enumerate(test_err):
+        if not math.isnan(err):
+            if err - low > best:
+                best, peak = err - low, i
+            low = min(low, err)
+    return peak
 
 
 # --- curve shapes -----------------------------------------------------------------------------------
@@ -164,9 +182,15 @@ def phase_bounds(levels: Sequence[int], phases: Sequence[str]) -> dict[str, int 
     return bounds
 
 
+def select(frame: pd.DataFrame, family: str, noise: float | None) -> pd.DataFrame:
+    """Rows of one family and noise level (a missing noise param matches missing)."""
+    same_noise = frame["noise"].isna() if pd.isna(noise) else frame["noise"] == noise
+    return frame[(frame["family"] == family) & same_noise]
+
+
 def dense_reference(curve: pd.DataFrame, family: str, noise: float) -> pd.DataFrame:
     """The dense DD curve (mean test accuracy vs parameter count) of one family and noise level."""
-    part = curve[(curve["family"] == family) & (curve["noise"] == noise)]
+    part = select(curve, family, noise)
     return part.dropna(subset=["num_params", "test_acc_mean"]).sort_values("num_params")
 
 
@@ -207,9 +231,9 @@ def chain_result(chain: dict, history: pd.DataFrame, curve: pd.DataFrame, thresh
     phases = sdd_phases(test, noisy, threshold)
     it = pruning_threshold(noisy, threshold)
     it_level = _level_at(levels, it)
-    tag_phases, tag_it = chain.get("phases_tag"), chain.get("it_level_tag")
+    tag_phases, tag_it = (None if pd.isna(chain.get(k)) else chain.get(k) for k in ("phases_tag", "it_level_tag"))
     dip = dip_and_recovery(test)
-    dd = thresholds[(thresholds["family"] == chain["family"]) & (thresholds["noise"] == chain["noise"])]
+    dd = select(thresholds, chain["family"], chain["noise"])
     gaps = retrace_gaps(history["nonzero_params"].astype(float).tolist()[1:], test[1:],
                         dense_reference(curve, chain["family"], chain["noise"]))
     row = {
@@ -309,8 +333,8 @@ def seed_groups(chains: pd.DataFrame, levels: pd.DataFrame, curve: pd.DataFrame)
             spread = float((complete.max(axis=1) - complete.min(axis=1)).mean())
             source = f"mean range over {len(ids)} chain seeds"
         else:
-            dense = curve[(curve["family"] == first["family"]) & (curve["noise"] == first["noise"])
-                          & (curve["width"] == first["width"])]
+            dense = select(curve, first["family"], first["noise"])
+            dense = dense[dense["width"] == first["width"]]
             if len(dense) and dense["n_seeds"].iloc[0] >= 2:
                 spread = float(dense["test_acc_max"].iloc[0] - dense["test_acc_min"].iloc[0])
                 source = f"range of dense test accuracy over {int(dense['n_seeds'].iloc[0])} seeds at this width"
@@ -322,7 +346,8 @@ def seed_groups(chains: pd.DataFrame, levels: pd.DataFrame, curve: pd.DataFrame)
         rows.append({
             "group": group, "family": first["family"], "noise": first["noise"], "width": first["width"],
             "start_epoch": first["start_epoch"], "step": first["step"], "setting": first["setting"],
-            "n_seeds": len(ids), "levels": lv[-1] if lv else 0, "dense_test_acc": mean.iloc[0] if len(mean) else math.nan,
+            "n_seeds": len(ids), "levels": lv[-1] if lv else 0,
+            "dense_test_acc": mean.iloc[0] if len(mean) else math.nan,
             "seed_spread": spread, "spread_source": source, "tolerance": tol,
             "dip_level": _level_at(lv, dip.dip_level), "dip_depth": dip.dip_depth,
             "dip_test_acc": mean.iloc[dip.dip_level] if dip.dip_level is not None else math.nan,
@@ -337,7 +362,10 @@ def seed_groups(chains: pd.DataFrame, levels: pd.DataFrame, curve: pd.DataFrame)
             "retrace_mean_abs_gap": members["retrace_mean_abs_gap"].mean(),
             "dip_nonzero_params": members["dip_nonzero_params"].mean(),
         })
-    return pd.DataFrame(rows).sort_values(["family", "noise", "width", "step", "setting"], ignore_index=True)
+    frame = pd.DataFrame(rows)
+    order = frame["step"].map({"prune": 0, "distill": 1})  # vanilla before distilled
+    return frame.assign(_order=order).sort_values(["family", "noise", "width", "_order", "setting"]) \
+        .drop(columns="_order").reset_index(drop=True)
 
 
 def distill_pairs(chains: pd.DataFrame) -> pd.DataFrame:

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from analysis import cli as analysis_cli
 from sdd import config as C
 from sdd.errors import UsageError
 
@@ -107,6 +108,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               lambda p: add_config_options(p, C.PruneConfig), _cmd_prune),
     "distill": ("a pruning chain whose retraining distils from a teacher model",
                 lambda p: add_config_options(p, C.DistillChainConfig), _cmd_distill),
+    "analyze": (analysis_cli.HELP, analysis_cli.configure_parser, analysis_cli.command),
 }
 
 

@@ -6,6 +6,7 @@ stack, so Ray trials, nested chains and tests cannot leak runs into each other.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -52,8 +53,26 @@ def tracking_uri() -> str:
     return uri
 
 
+_READY_STORES: set[str] = set()
+
+
 def get_client(uri: str | None = None) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    """A client of the store; a new sqlite store's schema is created by one process at a time.
+
+    MLflow migrates a fresh sqlite database on first use; several trials doing that at once fail
+    ("Online migration expected to match one row"), so the first use is serialised by a file lock.
+    """
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///") or uri in _READY_STORES:
+        return MlflowClient(tracking_uri=uri)
+    lock_path = Path(uri[len("sqlite:///"):]).with_suffix(".lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    _READY_STORES.add(uri)
+    return client
 
 
 def experiment_id(client: MlflowClient, name: str | None = None) -> str:

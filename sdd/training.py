@@ -89,18 +89,20 @@ def fit(
     generator: torch.Generator | None = None,
     on_step: Callable[[int], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    autocast: bool | None = None,
 ) -> int:
     """Train `model` on (x, y) for `recipe.epochs` epochs with a fresh optimizer; returns steps taken.
 
     `masks` (float, same device as the weights) are multiplied into `weights` after every step, so
     pruned weights stay exactly zero whatever the optimizer's momentum or weight decay does.
     `on_step(step)` runs after each step, `on_epoch(epoch, last_loss)` after each epoch (1-based).
+    `autocast` (bf16 forward passes) defaults to on for CUDA; `sdd bench` turns it off to measure its gain.
     """
     device = x.device
     optimizer = make_optimizer(model.parameters(), recipe.optim, recipe.lr)
     milestones = recipe.milestones()
     batch = recipe.optim.batch_size or len(x)
-    use_autocast = device.type == "cuda"
+    use_autocast = device.type == "cuda" if autocast is None else autocast
     n = len(x)
     step = 0
     model.train()

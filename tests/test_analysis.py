@@ -1,0 +1,375 @@
+"""`sdd analyze` on synthetic studies written straight into a temporary MLflow store (no training).
+
+The main study has a known IT along width (64 at 20% noise, 32 at 10%), known phases along a
+pruning chain, a dense run reused from an earlier study, a distilled chain, failed trials, a chain
+whose phase tag is wrong, and a registered best-sparse model. A second study is minimal (one noise
+level, one seed, no IT, no chains) to check that every figure is still produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from analysis import cli as analysis_cli
+from analysis.figures import FIGURES
+from analysis.report import SUMMARY, analyze_study
+from analysis.summary import dd_peak, dip_and_recovery, max_rise
+from sdd import tracking
+from sdd.config import PruneConfig, TrainConfig, from_flat_dict, to_flat_dict
+from sdd.errors import UsageError
+from sdd.phases import sdd_phases
+
+WIDTHS = (8, 16, 32, 64, 128, 256)
+# Mean noisy-subset train accuracy per noise and width: the IT is the first width reaching 0.99.
+NOISY_FIT = {0.2: {8: 0.30, 16: 0.60, 32: 0.90, 64: 0.995, 128: 1.0, 256: 1.0},
+             0.1: {8: 0.50, 16: 0.80, 32: 0.995, 64: 1.0, 128: 1.0, 256: 1.0}}
+TEST_ACC = {0.2: {8: 0.55, 16: 0.62, 32: 0.60, 64: 0.52, 128: 0.60, 256: 0.66},
+            0.1: {8: 0.60, 16: 0.66, 32: 0.58, 64: 0.64, 128: 0.68, 256: 0.70}}
+EXPECTED_IT = {0.2: 64, 0.1: 32}
+
+# The vanilla chains from width 64 (20% noise): noisy labels lost at level 4, dip there, peak at 6.
+VANILLA_TEST = [0.70, 0.70, 0.695, 0.66, 0.62, 0.68, 0.73, 0.725, 0.70, 0.60, 0.50]
+VANILLA_NOISY = [1.0, 1.0, 1.0, 1.0, 0.97, 0.80, 0.60, 0.50, 0.40, 0.30, 0.20]
+VANILLA_ENTROPY = [0.5, 0.5, 0.49, 0.48, 0.40, 0.38, 0.36, 0.34, 0.30, 0.25, 0.20]
+VANILLA_PHASES = ["dense", "light", "light", "critical", "sweet", "sweet", "sweet", "sweet", "collapsed",
+                  "collapsed", "collapsed"]
+# A chain from width 256 that never loses the noisy labels and only declines.
+WIDE_TEST = [0.66, 0.66, 0.655, 0.65, 0.64, 0.63, 0.62, 0.61, 0.60, 0.58, 0.55]
+# Distillation from the same parent: the noisy labels are dropped early and the curve is monotonic.
+DISTILL_TEST = [0.70, 0.705, 0.70, 0.70, 0.695, 0.69, 0.685, 0.68, 0.66, 0.62, 0.55]
+DISTILL_NOISY = [1.0, 0.9, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
+LEVELS = 10
+EPOCHS = 100
+
+
+def _params(width: int) -> tuple[int, int]:
+    """(prunable weights, other parameters) of the 1-hidden-layer MNIST-1D MLP."""
+    return 40 * width + width * 10, width + 10
+
+
+class Store:
+    """Writes runs the way the sdd steps do, without training anything."""
+
+    def __init__(self, client: MlflowClient, exp_id: str) -> None:
+        self.client, self.exp_id = client, exp_id
+
+    def run(self, name: str, tags: dict[str, str], parent: str | None = None, params: dict | None = None,
+            metrics: dict[int, dict[str, float]] | None = None, status: str = "FINISHED") -> str:
+        tags = {**tags, **({tracking.PARENT_TAG: parent} if parent else {})}
+        run_id = self.client.create_run(self.exp_id, run_name=name, tags=tags).info.run_id
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for step, values in (metrics or {}).items() for k, v in values.items()]
+        items = [Param(k, "" if v is None else ",".join(map(str, v)) if isinstance(v, tuple) else str(v))
+                 for k, v in (params or {}).items()]
+        if batch or items:
+            self.client.log_batch(run_id, metrics=batch, params=items)
+        self.client.set_terminated(run_id, status)
+        return run_id
+
+    def study(self, name: str) -> str:
+        return self.run(name, {"sdd.step": "study", "sdd.study_file": f"sweeps/{name}.yaml"}, status="RUNNING")
+
+    def stage(self, study: str, stage: str, trials: list[dict]) -> str:
+        run_id = self.run(f"sweep {stage}", {"sdd.step": "sweep", "sdd.stage": stage, "sdd.study_run_id": study},
+                          parent=study)
+        self.client.log_text(run_id, json.dumps(trials), "trials.json")
+        return run_id
+
+    def dense(self, study: str, stage: str, width: int, noise: float, seed: int, noisy: float, test: float) -> str:
+        flat = {"width": width, "noise": noise, "seed": seed, "epochs": EPOCHS}
+        cfg = from_flat_dict(TrainConfig, flat)
+        prunable, other = _params(width)
+        clean = min(1.0, noisy + 0.3)
+        final = {"test_acc": test, "val_acc": test + 0.01, "train_acc_noisy": noisy, "train_acc_clean": clean,
+                 "train_acc": (1 - noise) * clean + noise * noisy, "num_params": prunable + other,
+                 "nonzero_params": prunable + other, "sparsity": 0.0, "entropy": 0.5}
+        start = {"test_acc": 0.1, "val_acc": 0.1, "train_acc": 0.1, "train_acc_noisy": 0.1,
+                 "num_params": prunable + other}
+        return self.run(f"mnist1d-mlp-w{width}-n{noise:g}-s{seed}",
+                        {"sdd.step": "train", "sdd.config_hash": f"h{width}-{noise}-{seed}", "sdd.study_run_id": study},
+                        parent=stage, params={**to_flat_dict(cfg), "num_params": prunable + other},
+                        metrics={0: start, EPOCHS: final})
+
+    def chain(self, study: str, dense_id: str, width: int, test: list[float], noisy: list[float],
+              entropy: list[float], *, distill: bool = False, tags: dict[str, str] | None = None,
+              level_runs: bool = False) -> tuple[str, dict[int, str]]:
+        """A chain run with its per-level histories (and its level runs, if asked): (chain id, level ids)."""
+        prunable, other = _params(width)
+        history = {}
+        for lv, (t, n, e) in enumerate(zip(test, noisy, entropy)):
+            density = 0.8 ** lv
+            history[lv] = {"test_acc": t, "val_acc": t - 0.01, "train_acc_noisy": n, "train_acc": 0.9,
+                           "sparsity": 1 - density, "nonzero_params": round(prunable * density) + other,
+                           "entropy": e, "learning_distance": 10 + lv, "learning_distance_level": 2 + 0.1 * lv}
+        val = [t - 0.01 for t in test]
+        best = max(range(1, len(test)), key=lambda i: (round(val[i], 6), history[i]["sparsity"]))
+        history[LEVELS].update({"epochs_spent": LEVELS * EPOCHS, "epochs_full": LEVELS * EPOCHS, "levels_run": LEVELS,
+                                "train_flops_spent": 1e9, "train_flops_full": 1e9, "best_level": best,
+                                "best_val_acc": val[best], "best_test_acc": test[best],
+                                "best_sparsity": history[best]["sparsity"]})
+        phases = sdd_phases(test, noisy)
+        it = next((i for i, p in enumerate(phases) if p in ("sweet", "collapsed")), None)
+        step = "distill" if distill else "prune"
+        chain_tags = {"sdd.step": step, "sdd.dense_run_id": dense_id, "sdd.study_run_id": study,
+                      "sdd.config_hash": f"c-{dense_id}-{step}", "sdd.it_level": str(it) if it else "none",
+                      "sdd.phases": ",".join(phases), **(tags or {})}
+        params = {**to_flat_dict(PruneConfig(parent=dense_id, levels=LEVELS)), "dense_model": "mlp",
+                  "dense_width": width, "dense_depth": 1, "dataset": "mnist1d", "noise": 0.2}
+        if distill:
+            params.update({"teacher": f"runs:/{dense_id}/model", "alpha": 0.8, "temperature": 10.0})
+            chain_tags["sdd.teacher_uri"] = f"runs:/{dense_id}/model"
+        chain_id = self.run(f"{step} magnitude/lr_rewind w{width} final", chain_tags, parent=dense_id, params=params,
+                            metrics=history)
+        level_ids = {lv: self.run(f"level {lv}", {"sdd.step": "level", "sdd.level": str(lv),
+                                                  "sdd.chain_run_id": chain_id, "sdd.dense_run_id": dense_id},
+                                  parent=chain_id, metrics={lv: history[lv]})
+                     for lv in range(1, LEVELS + 1)} if level_runs else {}
+        return chain_id, level_ids
+
+    def register(self, tmp, chain_id: str, dense_id: str, level: int, level_id: str, metrics: dict) -> str:
+        import mlflow.pytorch
+
+        path = tmp / "model"
+        mlflow.pytorch.save_model(torch.nn.Linear(40, 10), str(path), serialization_format="pickle",
+                                  pip_requirements=[])
+        self.client.log_artifacts(level_id, str(path), "model")
+        name = "sdd-mnist1d-mlp"
+        self.client.create_registered_model(name)
+        version = self.client.create_model_version(
+            name, f"runs:/{level_id}/model", run_id=level_id,
+            tags={"run_id": level_id, "dense_run_id": dense_id, "chain_run_id": chain_id, "level": str(level),
+                  "sparsity": f"{metrics['sparsity']:.6f}", "val_acc": f"{metrics['val_acc']:.6f}",
+                  "test_acc": f"{metrics['test_acc']:.6f}"})
+        self.client.set_registered_model_alias(name, "best-sparse", version.version)
+        return version.version
+
+
+def _trial(name: str, step: str, config: dict, run_id: str | None, status: str = "FINISHED", reused: bool = False,
+           error: str | None = None, attempts: int = 1) -> dict:
+    return {"trial": name, "step": step, "config": config, "run_id": run_id, "status": status, "reused": reused,
+            "error": error, "attempts": attempts}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("analysis")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("sdd", artifact_location=str(tmp / "artifacts"))
+    s = Store(client, exp_id)
+
+    # An earlier study trained the 10%-noise width-8 seed-0 model; the main study reuses it.
+    earlier = s.study("earlier")
+    earlier_stage = s.run("sweep dense", {"sdd.step": "sweep", "sdd.stage": "dense"}, parent=earlier)
+    reused_id = s.dense(earlier, earlier_stage, 8, 0.1, 0, NOISY_FIT[0.1][8], TEST_ACC[0.1][8])
+
+    study = s.study("synthetic")
+    dense_stage = s.run("sweep dense", {"sdd.step": "sweep", "sdd.stage": "dense", "sdd.study_run_id": study},
+                        parent=study)
+    trials, dense_ids = [], {}
+    for noise, seeds in ((0.1, (0,)), (0.2, (0, 1))):  # one seed at 10% noise: no spread there
+        for width in WIDTHS:
+            for seed in seeds:
+                offset = 0.0 if len(seeds) == 1 else (-0.005 if seed == 0 else 0.005)
+                config = {"width": width, "noise": noise, "seed": seed, "epochs": EPOCHS}
+                if (width, noise, seed) == (8, 0.1, 0):
+                    trials.append(_trial(f"w{width}-n{noise}-s{seed}", "train", config, reused_id, reused=True))
+                    dense_ids[width, noise, seed] = reused_id
+                    continue
+                noisy = min(1.0, NOISY_FIT[noise][width] + offset)
+                run_id = s.dense(study, dense_stage, width, noise, seed, noisy, TEST_ACC[noise][width] + offset)
+                dense_ids[width, noise, seed] = run_id
+                trials.append(_trial(f"w{width}-n{noise}-s{seed}", "train", config, run_id))
+    failed_id = s.run("mnist1d-mlp-w64-n0.3-s0", {"sdd.step": "train", "sdd.study_run_id": study,
+                                                  "sdd.error": "RuntimeError: CUDA out of memory"},
+                      parent=dense_stage, status="FAILED")
+    trials.append(_trial("w64-n0.3-s0", "train", {"width": 64, "noise": 0.3, "seed": 0, "epochs": EPOCHS}, failed_id,
+                         status="FAILED", error="Traceback ...\nRuntimeError: CUDA out of memory", attempts=2))
+    trials.append(_trial("w512-n0.2-s1", "train", {"width": 512, "noise": 0.2, "seed": 1, "epochs": EPOCHS}, None,
+                         status="ERROR", error="ray worker died", attempts=3))
+    client.log_text(dense_stage, json.dumps(trials), "trials.json")
+
+    vanilla0, level_ids = s.chain(study, dense_ids[64, 0.2, 0], 64, VANILLA_TEST, VANILLA_NOISY, VANILLA_ENTROPY,
+                                  level_runs=True)
+    vanilla1, _ = s.chain(study, dense_ids[64, 0.2, 1], 64, [t + 0.005 for t in VANILLA_TEST], VANILLA_NOISY,
+                          VANILLA_ENTROPY)
+    wide, _ = s.chain(study, dense_ids[256, 0.2, 0], 256, WIDE_TEST, [1.0] * 11, [0.5] * 11,
+                      tags={"sdd.it_level": "5", "sdd.phases": "dense" + ",sweet" * 10})
+    distilled, _ = s.chain(study, dense_ids[64, 0.2, 0], 64, DISTILL_TEST, DISTILL_NOISY,
+                           [0.5 - 0.01 * lv for lv in range(11)], distill=True)
+    prune_trials = [_trial("w64-s0", "prune", {"parent": "w64-n0.2-s0"}, vanilla0),
+                    _trial("w64-s1", "prune", {"parent": "w64-n0.2-s1"}, vanilla1),
+                    _trial("w256-s0", "prune", {"parent": "w256-n0.2-s0"}, wide),
+                    _trial("w128-s0", "prune", {"parent": "w128-n0.2-s0"}, None, status="FAILED",
+                           error="RuntimeError: chain died", attempts=2)]
+    s.stage(study, "prune", prune_trials)
+    s.stage(study, "distill", [_trial("w64-s0-kd", "distill", {"parent": "w64-n0.2-s0", "alpha": 0.8}, distilled)])
+    best = {"sparsity": 1 - 0.8 ** 6, "val_acc": VANILLA_TEST[6] - 0.01, "test_acc": VANILLA_TEST[6]}
+    version = s.register(tmp, vanilla0, dense_ids[64, 0.2, 0], 6, level_ids[6], best)
+    client.set_terminated(study, "FINISHED")
+
+    # A study name used twice: the newest run of that name must be the one analysed.
+    dead = s.study("tiny")
+    s.stage(dead, "dense", [_trial("w8-n0.2-s0", "train", {"width": 8}, None, status="FAILED", error="boom")])
+    tiny = s.study("tiny")
+    tiny_stage = s.run("sweep dense", {"sdd.step": "sweep", "sdd.stage": "dense", "sdd.study_run_id": tiny},
+                       parent=tiny)
+    tiny_trials = [_trial(f"w{w}", "train", {"width": w, "noise": 0.2, "seed": 3},
+                          s.dense(tiny, tiny_stage, w, 0.2, 3, NOISY_FIT[0.2][w], TEST_ACC[0.2][w]))
+                   for w in (8, 16)]
+    client.log_text(tiny_stage, json.dumps(tiny_trials), "trials.json")
+
+    out = tmp / "report"
+    report = analyze_study(client, study, out)
+    return {"client": client, "uri": uri, "tmp": tmp, "study": study, "out": out, "report": report,
+            "vanilla0": vanilla0, "vanilla1": vanilla1, "wide": wide, "distilled": distilled, "version": version,
+            "reused": reused_id, "dense_64": dense_ids[64, 0.2, 0], "dead": dead, "tiny": tiny}
+
+
+@pytest.fixture(scope="module")
+def summary(world) -> pd.DataFrame:
+    return pd.read_csv(world["out"] / SUMMARY)
+
+
+def _chain_row(summary: pd.DataFrame, chain_id: str) -> pd.Series:
+    rows = summary[(summary["kind"] == "chain") & (summary["chain_run_id"] == chain_id)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_finds_the_interpolation_threshold_per_noise(summary):
+    dd = summary[summary["kind"] == "dd"].set_index("noise")
+    assert sorted(dd.index) == [0.1, 0.2]
+    for noise, width in EXPECTED_IT.items():
+        assert dd.loc[noise, "it_width"] == width
+        prunable, other = _params(width)
+        assert dd.loc[noise, "it_num_params"] == prunable + other
+    assert dd.loc[0.2, "peak_err_width"] == 64
+
+
+def test_finds_the_phases_of_the_chain(world, summary):
+    row = _chain_row(summary, world["vanilla0"])
+    assert row["it_level"] == 4
+    bounds = {p: (row[f"{p}_first"], row[f"{p}_last"]) for p in ("light", "critical", "sweet", "collapsed")}
+    assert bounds == {"light": (1, 2), "critical": (3, 3), "sweet": (4, 7), "collapsed": (8, 10)}
+    assert bool(row["phases_match"])
+    levels = pd.read_csv(world["out"] / "chain_levels.csv")
+    phases = levels[levels["chain_run_id"] == world["vanilla0"]].sort_values("level")["phase"].tolist()
+    assert phases == VANILLA_PHASES
+    distilled = levels[levels["chain_run_id"] == world["distilled"]].sort_values("level")["phase"].tolist()
+    assert distilled == sdd_phases(DISTILL_TEST, DISTILL_NOISY)
+
+
+def test_chain_without_it_and_a_wrong_tag(world, summary):
+    row = _chain_row(summary, world["wide"])
+    assert pd.isna(row["it_level"]) and pd.isna(row["sweet_first"])
+    assert not bool(row["phases_match"])
+    report = world["report"].read_text()
+    assert f"`{world['wide'][:8]}`): tag IT level 5" in report
+
+
+def test_best_level_and_early_stop(world, summary):
+    row = _chain_row(summary, world["vanilla0"])
+    assert (row["best_level"], row["best_test_acc"]) == (6, pytest.approx(0.73))
+    assert row["best_sparsity"] == pytest.approx(1 - 0.8 ** 6)
+    assert row["early_stop_level"] == 4
+    assert row["early_stop_epochs_saved"] == pytest.approx(0.6)
+    density = [0.8 ** lv for lv in range(1, LEVELS + 1)]
+    assert row["early_stop_flops_saved"] == pytest.approx(1 - sum(density[:4]) / sum(density), abs=1e-5)
+    assert pd.isna(_chain_row(summary, world["wide"])["early_stop_level"])
+
+
+def test_every_figure_is_written_and_logged(world):
+    for name in FIGURES:
+        data = (world["out"] / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000, name
+    logged = {a.path for a in world["client"].list_artifacts(world["study"], "report")}
+    expected = {f"report/{n}" for n in [*FIGURES, "report.md", SUMMARY, "dense_runs.csv", "chain_levels.csv"]}
+    assert expected <= logged
+
+
+def test_registered_model_is_named(world, summary):
+    reg = summary[summary["kind"] == "registered_model"]
+    assert len(reg) == 1
+    row = reg.iloc[0]
+    assert (row["name"], int(row["version"]), row["chain_run_id"], int(row["level"])) == \
+        ("sdd-mnist1d-mlp", int(world["version"]), world["vanilla0"], 6)
+    assert bool(row["from_study"])
+    report = world["report"].read_text()
+    assert "models:/sdd-mnist1d-mlp@best-sparse` = version 1" in report
+    assert "**from this study**, chain w64 s0 prune magnitude/lr_rewind" in report
+
+
+def test_reused_and_missing_runs(world):
+    dense = pd.read_csv(world["out"] / "dense_runs.csv")
+    assert len(dense) == 18
+    assert dense.loc[dense["run_id"] == world["reused"], "reused"].item()
+    report = world["report"].read_text()
+    assert "| train (dense models) | 18 | 1 |" in report
+    assert "| level (one per pruning level) | 10 |  |" in report
+    missing = report.split("## What is missing")[1]
+    for text in ("w64-n0.3-s0", "RuntimeError: CUDA out of memory", "w512-n0.2-s1", "ray worker died", "ERROR",
+                 "w128-s0", "RuntimeError: chain died", "3 trial(s)"):
+        assert text in missing, text
+
+
+def test_headline_answers(world):
+    report = world["report"].read_text()
+    assert "**IT at width 64**" in report and "**IT at width 32**" in report
+    assert "**w64, noise 20%**, prune magnitude/lr_rewind (2 seeds): **yes**" in report
+    assert "at level 4 (sparsity 59%) and recovers to 0.73" in report
+    assert "at level 6 (sparsity 73.8%), above the dense model" in report
+    assert "**w256, noise 20%**, prune magnitude/lr_rewind (1 seed): **no recovery after the dip**" in report
+    assert "**yes**: distillation removed the rise" in report
+    assert "would stop at **level 4**" in report
+    assert "study file `sweeps/synthetic.yaml`" in report
+    for name in FIGURES:
+        assert f"]({name})" in report
+
+
+def test_minimal_study_still_draws_everything(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["uri"])
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    analysis_cli.configure_parser(parser)
+    assert analysis_cli.command(parser.parse_args(["--study", "tiny"])) == 0
+    report = tmp_path / "reports" / f"tiny-{world['tiny'][:8]}" / "report.md"
+    assert capsys.readouterr().out.strip() == str(report)
+    for name in FIGURES:
+        assert (report.parent / name).stat().st_size > 5_000, name
+    text = report.read_text()
+    assert "**no IT in the sweep**" in text
+    assert "No finished pruning chains" in text and "No distillation chains in this study." in text
+    assert "Nothing: every trial of the study gave a finished run." in text
+
+
+@pytest.mark.parametrize("ref, message", [("no-such-study", "no study run"), ("0" * 32, "no study run"),
+                                          ("dense", "is not a study run"), ("dead", "no finished")])
+def test_bad_input_raises_usage_error(world, tmp_path, ref, message):
+    ref = {"dense": world["dense_64"], "dead": world["dead"]}.get(ref, ref)
+    with pytest.raises(UsageError, match=message):
+        analyze_study(world["client"], ref, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_threshold_raises_usage_error(world, tmp_path):
+    with pytest.raises(UsageError, match="it-threshold"):
+        analyze_study(world["client"], world["study"], tmp_path, it_threshold=1.5)
+
+
+def test_curve_shapes():
+    assert dd_peak([0.45, 0.38, 0.40, 0.48, 0.40, 0.34]) == 3  # rises most above the best smaller model
+    assert dd_peak([0.5, 0.4, 0.3]) is None  # error only falls with width
+    dip = dip_and_recovery(VANILLA_TEST)
+    assert (dip.dip_level, dip.recovery_level) == (4, 6) and dip.shows(0.01)
+    decline = dip_and_recovery(WIDE_TEST)
+    assert (decline.dip_level, decline.recovery_level, decline.shows(0.01)) == (10, None, False)
+    assert max_rise(DISTILL_TEST) == pytest.approx(0.005) and max_rise(VANILLA_TEST) == pytest.approx(0.11)
