@@ -20,6 +20,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from sdd import models, pruning, registry, tracking
+from sdd.checkpoints import check_masks_fit
 from sdd.config import DistillConfig, PruneConfig, TrainConfig, config_hash, from_flat_dict, to_flat_dict
 from sdd.dense import StepResult, evaluate_all, nonzero_counts
 from sdd.distillation import Teacher, distillation_loss, load_teacher
@@ -180,6 +181,17 @@ class Chain:
                 self.client.delete_run(run.info.run_id)
         return done
 
+    def _load_level(self, model: torch.nn.Module, run: Run) -> pruning.Masks:
+        """Load a level's weights into `model`; a file that does not fit the model is refused."""
+        state, masks = tracking.load_sparse_artifact(self.client, run.info.run_id, "level/weights.pt")
+        check_masks_fit(masks, models.prunable_weights(model))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise UsageError(f"level {run.data.tags.get('sdd.level')} of chain {self.chain_id}: "
+                             f"level/weights.pt does not fit the model ({str(err).splitlines()[0]})") from None
+        return masks
+
     def _chain_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.chain_id, key)}
 
@@ -206,8 +218,7 @@ class Chain:
             if resumed not in logged:
                 logger.log({k: metrics[k] for k in LEVEL_METRICS if k in metrics}, resumed)
         if resumed:
-            state, masks = tracking.load_sparse_artifact(self.client, done[resumed].info.run_id, "level/weights.pt")
-            self.model.load_state_dict(state)
+            masks = self._load_level(self.model, done[resumed])
             log.info("%s: levels 1-%d already finished, resuming at level %d", self.chain_id[:8], resumed, resumed + 1)
         stop = self._early_stop(history)
         started = time.monotonic()
@@ -354,9 +365,8 @@ class Chain:
 
     def _register(self, level: int, metrics: dict[str, float]) -> None:
         run = next(r for lv, r in self._finished_levels().items() if lv == level)
-        state, masks = tracking.load_sparse_artifact(self.client, run.info.run_id, "level/weights.pt")
         model = build_model(self.parent.config.model, self.problem, self.parent.config.optim.seed)
-        model.load_state_dict(state)
+        self._load_level(model, run)
         registry.register_best_sparse(self.client, model, level_run=run, dense_run_id=self.dense_id,
                                       dataset=self.parent.config.data.dataset,
                                       model_name=self.parent.config.model.model, metrics=metrics)

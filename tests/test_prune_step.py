@@ -197,3 +197,21 @@ def test_parent_that_is_not_a_dense_run_is_refused(env, capsys):
     chain = run_prune(PruneConfig(parent=env["run_id"], levels=1, epochs=2, register=False, seed=11))
     assert main(["prune", "--parent", chain.run_id]) == 2
     assert "not a dense training run" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_level_file_that_does_not_fit(env):
+    from pathlib import Path
+
+    from sdd.checkpoints import save_sparse
+
+    cfg = PruneConfig(parent=env["run_id"], levels=2, epochs=2, register=False, seed=21)
+    client = tracking.get_client()
+    done = run_prune(cfg)
+    # Simulate a crash before level 2 and a level-1 file replaced by one of another model.
+    (level1, level2) = _levels(client, done.run_id)
+    client.delete_run(level2.info.run_id)
+    client.set_terminated(done.run_id, "FAILED")
+    path = Path(level1.info.artifact_uri) / "level" / "weights.pt"
+    save_sparse({"linear1.weight": torch.zeros(3, 3)}, {"linear1.weight": torch.zeros(3, 3, dtype=torch.bool)}, path)
+    with pytest.raises(Exception, match="linear1.weight|does not fit"):
+        run_prune(cfg)

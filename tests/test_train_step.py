@@ -96,3 +96,12 @@ def test_cli_subprocess_exit_status(store, tmp_path):
     runs = _all_runs(store)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert math.isfinite(runs[0].data.metrics["test_acc"])
+
+
+def test_diverging_training_fails_the_run_with_the_reason(store, capsys):
+    args = ["train", "--train-size", "200", "--test-size", "100", "--val-size", "50", "--width", "8",
+            "--epochs", "5", "--optimizer", "sgd", "--lr", "1e12"]
+    assert main(args) == 1
+    (run,) = _all_runs(store)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["sdd.error"].startswith("TrainingDiverged: loss became")
