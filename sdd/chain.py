@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -112,8 +111,7 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
         for stale in resumable[:-1]:
             tracking.mark_killed(client, stale)
         tracking.discard_project_run(client)
-        client.update_run(chain_id, status="RUNNING")
-        client.set_tag(chain_id, "sdd.pid", str(os.getpid()))
+        tracking.reopen_run(client, chain_id)
         log.info("resuming chain %s", chain_id)
     else:
         m = parent.config.model

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
+from typing import Any
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -104,6 +105,19 @@ def save_state(state: Mapping[str, torch.Tensor], path: PathLike) -> None:
 def load_state(path: PathLike) -> dict[str, torch.Tensor]:
     """Load a file written by `save_state` (CPU tensors; never unpickles arbitrary objects)."""
     return _check_tensor_dict(_load(path), path, "the file")
+
+
+def save_training_state(state: Mapping[str, Any], path: PathLike) -> None:
+    """A resumable training state: nested dicts and lists of tensors and numbers (model, optimizer, RNG)."""
+    _atomic_save(dict(state), path)
+
+
+def load_training_state(path: PathLike) -> dict[str, Any]:
+    obj = _load(path)
+    if not isinstance(obj, dict) or not {"epoch", "step", "model", "optimizer"} <= obj.keys():
+        raise UsageError(f"checkpoint {path} is not a training state (needs epoch, step, model, optimizer)")
+    _check_tensor_dict(obj["model"], path, "its model state")
+    return obj
 
 
 def check_masks_fit(masks: Masks, weights: Mapping[str, torch.Tensor]) -> None:

@@ -120,6 +120,7 @@ class TrainConfig:
     eval_every: int = opt(0, "evaluate every N epochs; 0 = about 200 evaluations per run")
     save_epochs: tuple[int, ...] = opt((), "epochs whose weights are saved as starting checkpoints, e.g. 100,500")
     rewind_step: int = opt(0, "optimizer step whose weights are saved for weight rewinding (0 = init, always saved)")
+    resume_every: int = opt(600, "seconds between resumable training checkpoints (0 = none)", hashed=False)
     device: str = opt("auto", "device", choices=DEVICES, hashed=False)
     force: bool = opt(False, "train again even if a finished run with the same config exists", hashed=False)
 
@@ -131,6 +132,7 @@ class TrainConfig:
             self.distill.validate()
         _check(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         _check(self.rewind_step >= 0, f"--rewind-step must be >= 0, got {self.rewind_step}")
+        _check(self.resume_every >= 0, f"--resume-every must be >= 0, got {self.resume_every}")
         bad = [e for e in self.save_epochs if not 0 <= e <= self.optim.epochs]
         _check(not bad, f"--save-epochs must lie in [0, --epochs={self.optim.epochs}], got {bad}")
 

@@ -17,6 +17,8 @@ from sdd.training import Recipe, cross_entropy, fit
 
 log = logging.getLogger(__name__)
 
+RESUME_ARTIFACT = "checkpoints/resume.pt"
+
 
 @dataclass
 class StepResult:
@@ -67,8 +69,14 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
             log.info("reusing finished run %s (config %s)", done.info.run_id, chash)
             tracking.discard_project_run(client)
             return StepResult(done.info.run_id, True, dict(done.data.metrics))
-    for stale in tracking.unfinished(client, exp_id, "train", chash):
-        tracking.mark_killed(client, stale)
+    resume_run, resume_state = None, None
+    stale = tracking.unfinished(client, exp_id, "train", chash)
+    if stale and not cfg.force and RESUME_ARTIFACT in tracking.list_artifacts(client, stale[-1].info.run_id,
+                                                                               "checkpoints"):
+        resume_run = stale.pop().info.run_id
+        resume_state = tracking.load_training_state_artifact(client, resume_run, RESUME_ARTIFACT)
+    for run in stale:
+        tracking.mark_killed(client, run)
 
     m = cfg.model
     name = f"{cfg.data.dataset}-{m.model}-w{m.width}" + (f"-d{m.depth}" if m.depth != 1 else "") \
@@ -76,9 +84,14 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
     tags = {"sdd.step": "train", "sdd.config_hash": chash, **(extra_tags or {})}
     if teacher:
         tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
-    run_id = tracking.start_run(client, exp_id, name=name, tags=tags, parent_run_id=parent_run_id)
+    if resume_run is not None:
+        run_id = resume_run
+        tracking.reopen_run(client, run_id)
+        log.info("resuming run %s at epoch %d", run_id, resume_state["epoch"])
+    else:
+        run_id = tracking.start_run(client, exp_id, name=name, tags=tags, parent_run_id=parent_run_id)
     try:
-        metrics = _train(cfg, client, run_id, problem, teacher)
+        metrics = _train(cfg, client, run_id, problem, teacher, resume_state)
     except BaseException as err:
         client.set_tag(run_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
         tracking.terminate(client, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -87,26 +100,30 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
     return StepResult(run_id, False, metrics)
 
 
-def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Teacher | None) -> dict[str, float]:
+def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Teacher | None,
+           resume: dict | None) -> dict[str, float]:
     model = build_model(cfg.model, problem, cfg.optim.seed)
     weights = models.prunable_weights(model)
     num_params = models.count_params(model)
-    tracking.log_params(client, run_id, {**to_flat_dict(cfg), "num_params": num_params})
-    # The effective config, exactly; params may hold `mlflow run`'s spelling of the -P values.
-    client.log_dict(run_id, to_flat_dict(cfg), "config.json")
-    logger = tracking.MetricLogger(client, run_id)
-    logger.log({"num_params": num_params, "wrong_label_rate": problem.wrong_label_rate}, 0)
-    tracking.log_state(client, run_id, {"noisy_idx": problem.noisy_idx.cpu(),
-                                         "noisy_labels": problem.splits.y_train.cpu()}, "noise/noisy_idx.pt")
     init = {k: v.detach().clone() for k, v in weights.items()}
-    tracking.log_state(client, run_id, model.state_dict(), "checkpoints/init.pt")
+    if resume is None:
+        tracking.log_params(client, run_id, {**to_flat_dict(cfg), "num_params": num_params})
+        # The effective config, exactly; params may hold `mlflow run`'s spelling of the -P values.
+        client.log_dict(run_id, to_flat_dict(cfg), "config.json")
+        logger = tracking.MetricLogger(client, run_id)
+        logger.log({"num_params": num_params, "wrong_label_rate": problem.wrong_label_rate}, 0)
+        tracking.log_state(client, run_id, {"noisy_idx": problem.noisy_idx.cpu(),
+                                             "noisy_labels": problem.splits.y_train.cpu()}, "noise/noisy_idx.pt")
+        tracking.log_state(client, run_id, model.state_dict(), "checkpoints/init.pt")
+        logger.log({**evaluate_all(model, problem, init), **nonzero_counts(model)}, 0)
+        if 0 in cfg.save_epochs:
+            tracking.log_state(client, run_id, model.state_dict(), "checkpoints/epoch_0.pt")
+    else:
+        logged = client.get_metric_history(run_id, "test_acc")
+        logger = tracking.MetricLogger(client, run_id, skip_through=max((m.step for m in logged), default=-1))
 
     epochs = cfg.optim.epochs
     every = cfg.effective_eval_every()
-    first = evaluate_all(model, problem, init)
-    logger.log({**first, **nonzero_counts(model)}, 0)
-    if 0 in cfg.save_epochs:
-        tracking.log_state(client, run_id, model.state_dict(), "checkpoints/epoch_0.pt")
 
     loss_fn = cross_entropy
     if teacher is not None:
@@ -131,8 +148,13 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
             last_report[0] = now
             log.info("%s: epoch %d/%d (%.0fs)", run_id[:8], epoch, epochs, now - started)
 
+    def snapshot(state: dict) -> None:
+        logger.flush()  # metrics first: a resumed run skips the steps already logged
+        tracking.log_training_state(client, run_id, state, RESUME_ARTIFACT)
+
     steps = fit(model, problem.splits.x_train, problem.splits.y_train, recipe, loss_fn=loss_fn,
-                generator=generator, on_step=on_step, on_epoch=on_epoch)
+                generator=generator, on_step=on_step, on_epoch=on_epoch, resume=resume, snapshot=snapshot,
+                snapshot_every=cfg.resume_every)
     final = evaluate_all(model, problem, init)
     final.update(activation_entropy(model, problem.splits.x_train))
     final.update(nonzero_counts(model))

@@ -228,12 +228,16 @@ class MetricLogger:
     killed process loses at most the last few seconds of curve.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, interval: float = 10.0) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, interval: float = 10.0, skip_through: int = -1) -> None:
         self.client, self.run_id, self.interval = client, run_id, interval
+        # A resumed run re-computes steps it may already have logged before it was killed.
+        self.skip_through = skip_through
         self.buffer: list[Metric] = []
         self.last_flush = time.monotonic()
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if step <= self.skip_through:
+            return
         now = int(time.time() * 1000)
         self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         if len(self.buffer) >= MAX_BATCH - 100 or time.monotonic() - self.last_flush > self.interval:
@@ -273,6 +277,25 @@ def load_state_artifact(client: MlflowClient, run_id: str, artifact_path: str) -
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(run_id, artifact_path, tmp)
         return checkpoints.load_state(local)
+
+
+def log_training_state(client: MlflowClient, run_id: str, state: Mapping[str, Any], artifact_path: str) -> None:
+    folder, filename = os.path.split(artifact_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        checkpoints.save_training_state(state, path)
+        client.log_artifact(run_id, str(path), folder or None)
+
+
+def load_training_state_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return checkpoints.load_training_state(client.download_artifacts(run_id, artifact_path, tmp))
+
+
+def reopen_run(client: MlflowClient, run_id: str) -> None:
+    """Continue a killed or failed run in this process (RUNNING again, owned by this pid)."""
+    client.update_run(run_id, status="RUNNING")
+    client.log_batch(run_id, tags=[RunTag("sdd.pid", str(os.getpid())), RunTag("sdd.host", socket.gethostname())])
 
 
 def load_sparse_artifact(client: MlflowClient, run_id: str, artifact_path: str):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,9 @@ def fit(
     on_step: Callable[[int], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     autocast: bool | None = None,
+    resume: Mapping[str, Any] | None = None,
+    snapshot: Callable[[dict[str, Any]], None] | None = None,
+    snapshot_every: float = 0.0,
 ) -> int:
     """Train `model` on (x, y) for `recipe.epochs` epochs with a fresh optimizer; returns steps taken.
 
@@ -97,6 +102,8 @@ def fit(
     pruned weights stay exactly zero whatever the optimizer's momentum or weight decay does.
     `on_step(step)` runs after each step, `on_epoch(epoch, last_loss)` after each epoch (1-based).
     `autocast` (bf16 forward passes) defaults to on for CUDA; `sdd bench` turns it off to measure its gain.
+    Every `snapshot_every` seconds (at an epoch's end) `snapshot(state)` receives the model, optimizer
+    and RNG state; `fit(..., resume=state)` continues from such a state exactly where it left off.
     """
     device = x.device
     optimizer = make_optimizer(model.parameters(), recipe.optim, recipe.lr)
@@ -104,9 +111,16 @@ def fit(
     batch = recipe.optim.batch_size or len(x)
     use_autocast = device.type == "cuda" if autocast is None else autocast
     n = len(x)
-    step = 0
+    step = start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start, step = int(resume["epoch"]), int(resume["step"])
+        if generator is not None and resume.get("generator") is not None:
+            generator.set_state(resume["generator"])
+    last_snapshot = time.monotonic()
     model.train()
-    for epoch in range(recipe.epochs):
+    for epoch in range(start, recipe.epochs):
         factor = lr_factor(recipe.schedule, epoch, recipe.epochs, milestones, recipe.optim.gamma)
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr * factor
@@ -133,4 +147,10 @@ def fit(
             raise TrainingDiverged(f"loss became {last} at epoch {epoch + 1}")
         if on_epoch is not None:
             on_epoch(epoch + 1, last)
+        if snapshot is not None and snapshot_every > 0 and epoch + 1 < recipe.epochs \
+                and time.monotonic() - last_snapshot >= snapshot_every:
+            snapshot({"epoch": epoch + 1, "step": step, "model": model.state_dict(),
+                      "optimizer": optimizer.state_dict(),
+                      "generator": generator.get_state() if generator is not None else None})
+            last_snapshot = time.monotonic()
     return step
