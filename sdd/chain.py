@@ -126,13 +126,8 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
                   "dense_" + "model": m.model, "dense_width": m.width, "dense_depth": m.depth,
                   "dataset": parent.config.data.dataset, "noise": parent.config.data.noise}
         tracking.log_params(client, chain_id, params)
-    try:
+    with tracking.finishing(client, chain_id):
         metrics = Chain(cfg, distill, client, exp_id, chain_id, chash, parent, problem, teacher).run()
-    except BaseException as err:
-        client.set_tag(chain_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
-        tracking.terminate(client, chain_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    tracking.terminate(client, chain_id)
     return StepResult(chain_id, False, metrics)
 
 
@@ -268,7 +263,7 @@ class Chain:
             if every and epoch % every == 0 and epoch != self.recipe.epochs:
                 level_logger.log(evaluate_all(model, self.problem, self.init), epoch)
 
-        try:
+        with tracking.finishing(self.client, level_id):
             fit(model, self.problem.splits.x_train, self.problem.splits.y_train, self.recipe, masks=float_masks,
                 weights=weights, loss_fn=self.loss_fn, generator=generator, on_epoch=on_epoch)
             metrics = self._measure(model, level_start)
@@ -278,11 +273,6 @@ class Chain:
             level_logger.log(metrics, level)
             level_logger.flush()
             tracking.log_sparse_state(self.client, level_id, model.state_dict(), masks, "level/weights.pt")
-        except BaseException as err:
-            self.client.set_tag(level_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
-            tracking.terminate(self.client, level_id, "FAILED")
-            raise
-        tracking.terminate(self.client, level_id)
         logger.log({k: metrics[k] for k in LEVEL_METRICS if k in metrics}, level)
         logger.flush()
         log.info("%s level %d/%d: sparsity %.4f test_acc %.4f (pruned %.4f) noisy-fit %s (%.1fs)",

@@ -90,13 +90,8 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
         log.info("resuming run %s at epoch %d", run_id, resume_state["epoch"])
     else:
         run_id = tracking.start_run(client, exp_id, name=name, tags=tags, parent_run_id=parent_run_id)
-    try:
+    with tracking.finishing(client, run_id):
         metrics = _train(cfg, client, run_id, problem, teacher, resume_state)
-    except BaseException as err:
-        client.set_tag(run_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
-        tracking.terminate(client, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    tracking.terminate(client, run_id)
     return StepResult(run_id, False, metrics)
 
 

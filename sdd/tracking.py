@@ -6,6 +6,7 @@ stack, so Ray trials, nested chains and tests cannot leak runs into each other.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +344,18 @@ def get_run(client: MlflowClient, run_id: str) -> Run:
     if run.info.lifecycle_stage != "active":
         raise UsageError(f"run {run_id} is deleted")
     return run
+
+
+@contextlib.contextmanager
+def finishing(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """FINISHED when the block completes; FAILED (KILLED on Ctrl-C) with the reason as `sdd.error` if not."""
+    try:
+        yield
+    except BaseException as err:
+        client.set_tag(run_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
+        terminate(client, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    terminate(client, run_id)
 
 
 def terminate(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:

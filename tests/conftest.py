@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,25 @@ def store(tmp_path, monkeypatch, empty_store) -> str:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     return uri
+
+
+@contextlib.contextmanager
+def shared_store(folder: Path, template: Path) -> Iterator[dict]:
+    """A store for a whole test module (trained parents are reused by its tests): {"uri", "folder"}."""
+    shutil.copy(template, folder / "mlflow.db")
+    world = {"uri": f"sqlite:///{folder / 'mlflow.db'}", "folder": folder}
+    with pytest.MonkeyPatch.context() as mp:
+        enter_store(mp, world)
+        yield world
+
+
+def enter_store(monkeypatch: pytest.MonkeyPatch, world: dict) -> dict:
+    """Point MLflow (and the cwd) at a shared store inside one test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["uri"])
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(world["folder"])
+    return world
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -1,12 +1,10 @@
 """The `distill` step: teacher resolution, lineage, bad teachers, and the entropy early stop."""
 
-import shutil
-
 import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_train
+from conftest import enter_store, shared_store, tiny_train
 from sdd import tracking
 from sdd.chain import run_prune
 from sdd.cli import main
@@ -18,13 +16,7 @@ from sdd.distillation import resolve_teacher
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, empty_store):
     """A dense student parent, a pruned teacher in the registry, and models that do not fit."""
-    folder = tmp_path_factory.mktemp("distill")
-    shutil.copy(empty_store, folder / "mlflow.db")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(folder)
+    with shared_store(tmp_path_factory.mktemp("distill"), empty_store) as world:
         teacher = run_train(tiny_train(width=64, epochs=60))
         run_prune(PruneConfig(parent=teacher.run_id, levels=2, epochs=10))
         student = run_train(tiny_train(width=8, epochs=30))
@@ -35,15 +27,12 @@ def world(tmp_path_factory, empty_store):
             tracking.log_model(client, run.info.run_id, module)
             client.set_terminated(run.info.run_id)
             misfits[name] = run.info.run_id
-        yield {"uri": uri, "folder": folder, "teacher": teacher.run_id, "student": student.run_id, "misfits": misfits}
+        yield {**world, "teacher": teacher.run_id, "student": student.run_id, "misfits": misfits}
 
 
 @pytest.fixture
 def env(world, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["uri"])
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.chdir(world["folder"])
-    return world
+    return enter_store(monkeypatch, world)
 
 
 def test_teacher_reference_forms(env):

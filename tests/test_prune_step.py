@@ -1,6 +1,5 @@
 """The `prune` step: chains of level runs under a dense parent, in a real sqlite MLflow store."""
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import tiny_train
+from conftest import enter_store, shared_store, tiny_train
 from sdd import models, tracking
 from sdd.checkpoints import load_sparse, load_state
 from sdd.chain import run_prune
@@ -24,24 +23,14 @@ from sdd.problem import load_problem
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory, empty_store):
     """A store holding one tiny dense run with a saved epoch and a rewind step."""
-    folder = tmp_path_factory.mktemp("prune")
-    shutil.copy(empty_store, folder / "mlflow.db")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(folder)
+    with shared_store(tmp_path_factory.mktemp("prune"), empty_store) as world:
         cfg = tiny_train(width=32, epochs=60, save_epochs=(20,), rewind_step=3)
-        result = run_train(cfg)
-        yield {"uri": uri, "run_id": result.run_id, "cfg": cfg, "folder": folder}
+        yield {**world, "run_id": run_train(cfg).run_id, "cfg": cfg}
 
 
 @pytest.fixture
 def env(parent, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", parent["uri"])
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.chdir(parent["folder"])
-    return parent
+    return enter_store(monkeypatch, parent)
 
 
 def _levels(client, chain_id):
