@@ -23,7 +23,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 study: $(STAMP)
-	$(BIN)/sdd train
+	$(BIN)/sdd study
 
 bench: $(STAMP)
 	$(BIN)/sdd bench --quick

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from analysis import cli as analysis_cli
+from sdd import bench, study, sweep
 from sdd import config as C
 from sdd.errors import UsageError
 
@@ -108,7 +109,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               lambda p: add_config_options(p, C.PruneConfig), _cmd_prune),
     "distill": ("a pruning chain whose retraining distils from a teacher model",
                 lambda p: add_config_options(p, C.DistillChainConfig), _cmd_distill),
+    "sweep": (sweep.HELP, sweep.configure_parser, sweep.command),
+    "study": (study.HELP, study.configure_parser, study.command),
     "analyze": (analysis_cli.HELP, analysis_cli.configure_parser, analysis_cli.command),
+    "bench": (bench.HELP, bench.configure_parser, bench.command),
 }
 
 

@@ -48,6 +48,7 @@ Any error is one line naming the file, the key path and what is accepted.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import math
@@ -411,7 +412,9 @@ class _Parser:
     def known(self, data: dict[str, Any], key: str, fields: dict[str, tuple[Any, Any]]) -> None:
         for name in data:
             if name not in fields:
-                raise self.fail(f"{key}.{name}", f"unknown option; accepted: {', '.join(fields)}")
+                close = difflib.get_close_matches(str(name), fields, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise self.fail(f"{key}.{name}", f"unknown option{hint}; accepted: {', '.join(fields)}")
 
     def value(self, value: Any, key: str, spec: tuple[Any, Any]) -> Any:
         """A typed option value: a YAML value of the field's type, or text the command line would accept."""
@@ -501,7 +504,8 @@ class _Parser:
         points = [{**_defaults(), **p} for _, p in dense.points()]
         matches = [p for p in points if all(show_value(p[k]) == show_value(v) for k, v in match.items())]
         if not matches:
-            raise self.fail(key, f"no dense grid point has {', '.join(f'{k}={show_value(v)}' for k, v in match.items())}")
+            named = ", ".join(f"{k}={show_value(v)}" for k, v in match.items())
+            raise self.fail(key, f"no dense grid point has {named}")
         if len(matches) > 1:
             differ = [a for a in dense.axes if len({show_value(p[a]) for p in matches}) > 1]
             raise self.fail(key, f"matches {len(matches)} dense runs; also give: {', '.join(differ)}")

@@ -6,8 +6,9 @@ carry the study and stage run ids as tags. Every stage run logs `trials.json`, o
 {"trial", "step", "config", "run_id", "status", "reused", "error", "attempts"}.
 
 A chain stage is planned from MLflow alone (the dense stage run's `trials.json` and those runs), never
-from memory, so any stage can be re-run by itself. Every trial returns at once when a finished run
-with its config hash exists, which makes a re-run after a kill finish only what is missing.
+from memory, so any stage can be re-run by itself. A trial whose config hash already has a FINISHED
+run is recorded as reused without being launched (and the steps themselves return such a run at once),
+so a sweep run again after a kill finishes only what is missing, and Ray starts only if something is.
 """
 
 from __future__ import annotations
@@ -23,17 +24,16 @@ import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sdd import config as C
 from sdd.errors import UsageError
-from sdd.study_file import AutoStart, Stage, StudyFile, content_hash, load_study, show_value, with_storage
+from sdd.study_file import (PARENT, STAGES, AutoStart, Stage, StudyFile, TeacherSelector, chain_config,
+                             content_hash, load_study, parse_teacher, show_value, with_storage)
 
 if TYPE_CHECKING:  # torch, mlflow and ray load inside functions: `sdd --help` stays fast
     from mlflow import MlflowClient
@@ -59,7 +59,6 @@ class Trial:
     key: str
     step: str
     config: dict[str, Any]
-    width: int
     cpu: float
     gpu: float
     tags: dict[str, str] = field(default_factory=dict)
@@ -98,10 +97,11 @@ class SweepOutcome:
     study_run_id: str
     stages: list[StageOutcome]
     tracking_uri: str
+    planned: list[str]  # the stages asked for; a failed dense stage stops the ones after it
 
     @property
-    def failed(self) -> int:
-        return sum(s.failed for s in self.stages)
+    def complete(self) -> bool:
+        return len(self.stages) == len(self.planned) and not any(s.failed for s in self.stages)
 
 
 @dataclass
@@ -225,13 +225,18 @@ class _ProjectRun:
         self.run_id = None
         return tracking.start_run(store.client, store.exp_id, name=name, tags=tags, parent_run_id=parent_run_id)
 
+    def restore(self) -> None:
+        """Put it back, e.g. for the command line to discard on bad input, as for every step."""
+        if self.run_id:
+            os.environ["MLFLOW_RUN_ID"] = self.run_id
+            self.run_id = None
+
     def discard(self, store: Store) -> None:
         from sdd import tracking
 
         if self.run_id:
-            os.environ["MLFLOW_RUN_ID"] = self.run_id
+            self.restore()
             tracking.discard_project_run(store.client)
-            self.run_id = None
 
 
 def open_study_run(store: Store, study: StudyFile, project: _ProjectRun) -> str:
@@ -262,7 +267,7 @@ def open_stage_run(store: Store, study: StudyFile, study_run_id: str, stage: str
         "sdd.step": "sweep", "sdd.stage": stage, "sdd.study_run_id": study_run_id,
         "sdd.config_hash": content_hash(f"{study.content_hash}:{stage}")})
     params = {f"recipe.{k}": v for k, v in spec.recipe.items()}
-    params.update({f"grid.{k}": json.dumps(list(v)) for k, v in spec.grid.items()})
+    params["grid"] = json.dumps([{k: list(v) for k, v in grid.items()} for grid in spec.grids])
     tracking.log_params(store.client, run_id, params)
     return run_id
 
@@ -296,24 +301,31 @@ def plan_dense(store: Store, study: StudyFile) -> Plan:
     stage = study.stages["dense"]
     trials = []
     for label, point in stage.points():
+        if point.get("data_dir"):
+            # Trials run in their own working directories: a relative data_dir means the sweep's.
+            point = {**point, "data_dir": str(Path(point["data_dir"]).resolve())}
         cfg = C.from_flat_dict(C.TrainConfig, point)
         teacher_run = _teacher_run(store, cfg.distill.teacher) if cfg.distill.teacher else None
-        trials.append(_trial(stage, label or "dense", "train", C.to_flat_dict(cfg), cfg.model.width, {},
+        trials.append(_make_trial(stage, label or "dense", "train", C.to_flat_dict(cfg), cfg.model.width, {},
                              teacher_run))
     return Plan("dense", trials)
 
 
-def _trial(stage: Stage, key: str, step: str, config: dict[str, Any], width: int, tags: dict[str, str],
+def _make_trial(stage: Stage, key: str, step: str, config: dict[str, Any], width: int, tags: dict[str, str],
            teacher_run: str | None) -> Trial:
     rule = stage.resources.for_width(width)
     assert rule is not None  # study_file checked that the rules cover every dense width
-    return Trial(key, step, config, width, rule.cpu, rule.gpu, tags, teacher_run)
+    return Trial(key, step, config, rule.cpu, rule.gpu, tags, teacher_run)
 
 
 def _teacher_run(store: Store, ref: str) -> str:
     from sdd.distillation import resolve_teacher
 
     return resolve_teacher(store.client, ref).run_id
+
+
+class DenseStageNotRun(UsageError):
+    """A chain stage asked for before its study's dense stage ran (a dry run reports it instead)."""
 
 
 @dataclass
@@ -343,7 +355,7 @@ def dense_results(store: Store, study: StudyFile, study_run_id: str | None, stag
 
     dense_run = find_stage_run(store, study_run_id, "dense") if study_run_id else None
     if dense_run is None:
-        raise UsageError(f"{stage} stage: the dense stage of study {study.name} has not run yet; run "
+        raise DenseStageNotRun(f"{stage} stage: the dense stage of study {study.name} has not run yet; run "
                          f"`sdd sweep {study.display_path} --stage dense` first")
     try:
         records = json.loads(_read_artifact_text(store, dense_run.info.run_id, TRIALS_ARTIFACT))
@@ -372,7 +384,7 @@ def _read_artifact_text(store: Store, run_id: str, path: str) -> str:
 
 def _group_key(dense: Stage, config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     """Dense runs that differ only in width and seed share one DD curve and one threshold."""
-    return tuple((axis, show_value(config[axis])) for axis in dense.grid if axis not in ("width", "seed"))
+    return tuple((axis, show_value(config[axis])) for axis in dense.axes if axis not in ("width", "seed"))
 
 
 def _group_label(key: tuple[tuple[str, str], ...]) -> str:
@@ -389,7 +401,7 @@ class Start:
     group: tuple[tuple[str, str], ...]
 
     def label(self, dense: Stage) -> str:
-        names = [axis for axis in dense.grid if axis not in ("width", "seed")] + ["width", "seed"]
+        names = [axis for axis in dense.axes if axis not in ("width", "seed")] + ["width", "seed"]
         text = ",".join(f"{n}={show_value(self.result.config[n])}" for n in names)
         if self.epoch is not None:
             text += f",epoch={self.epoch}"
@@ -443,32 +455,36 @@ def _auto_group(auto: AutoStart, stage: str, key: tuple[tuple[str, str], ...], m
                          f"(best: {fit[best]:.3f} at width {widths[best]}); lower start.threshold, add wider "
                          f"models or epochs, or name starting checkpoints explicitly")
     i = widths.index(it)
-    roles: dict[str, int | None] = {
-        "before": max((w for w in widths if w <= it / auto.control_factor), default=None),
-        "below": widths[i - 1] if i > 0 else None,
-        "at": it,
-        "above": widths[i + 1] if i + 1 < len(widths) else None,
-        "after": min((w for w in widths if w >= it * auto.control_factor), default=None),
+    # The threshold and its neighbours first; then the controls: the nearest widths a factor away.
+    candidates = {
+        "at": [it],
+        "below": widths[i - 1:i] if i > 0 else [],
+        "above": widths[i + 1:i + 2],
+        "before": [w for w in reversed(widths) if w <= it / auto.control_factor],
+        "after": [w for w in widths if w >= it * auto.control_factor],
     }
+    roles: dict[str, int] = {}
+    for role in ("at", "below", "above", "before", "after"):
+        free = [w for w in candidates[role] if w not in roles.values()]
+        if role in auto.roles and free:
+            roles[role] = free[0]
+        elif role in auto.roles:
+            plan.notes.append(f"{label}: no width left for '{role}' (threshold {it}, widths "
+                              f"{', '.join(map(str, widths))}); skipped")
     seeds = auto.seeds or (min(r.seed for r in members),)
-    taken: set[int] = set()
     starts = []
     for role in auto.roles:
-        width = roles[role]
-        if width is None or width in taken:
-            plan.notes.append(f"{label}: no distinct dense width for role '{role}' (IT {it}, widths "
-                              f"{', '.join(map(str, widths))}); skipped")
+        if role not in roles:
             continue
-        taken.add(width)
         for seed in seeds:
-            match = [r for r in members if r.width == width and r.seed == seed]
+            match = [r for r in members if r.width == roles[role] and r.seed == seed]
             if not match:
-                raise UsageError(f"{stage} stage ({label}): the dense run of width {width}, seed {seed} did not "
-                                 f"finish; run the dense stage again")
+                raise UsageError(f"{stage} stage ({label}): the dense run of width {roles[role]}, seed {seed} did "
+                                 f"not finish; run the dense stage again")
             starts.append(Start(match[0], auto.epoch, role, key))
     plan.notes.append(f"{label}: interpolation threshold at width {it} (mean noisy-subset fit "
                       f"{fit[i]:.3f} >= {auto.threshold:g}); starts: " +
-                      ", ".join(f"{role} {roles[role]}" for role in auto.roles if roles[role] in taken))
+                      ", ".join(f"{role} {roles[role]}" for role in auto.roles if role in roles))
     return starts, it
 
 
@@ -478,28 +494,32 @@ def plan_chains(store: Store, study: StudyFile, stage: str, study_run_id: str | 
     starts, plan = select_starts(study, stage, results)
     spec, dense = study.stages[stage], study.stages["dense"]
     step = STEP_OF_STAGE[stage]
-    cls = C.PruneConfig if stage == "prune" else C.DistillChainConfig
     for start in starts:
         for label, point in spec.points():
-            values = {**point, "parent": start.result.run_id, "start_epoch": start.epoch}
-            teacher_run = None
+            teacher, teacher_run = "", None
             if stage == "distill":
-                values["teacher"] = _teacher_ref(store, point["teacher"], start, results)
-                teacher_run = _teacher_run(store, values["teacher"])
-            cfg = C.from_flat_dict(cls, values)
+                teacher = _teacher_ref(point["teacher"], start, results)
+                teacher_run = _teacher_run(store, teacher)
+            cfg = chain_config(stage, {**point, "start_epoch": start.epoch}, parent=start.result.run_id,
+                               teacher=teacher)
             key = start.label(dense) + (f" | {label}" if label else "")
             tags = {"sdd.start_role": start.role} if start.role else {}
-            plan.trials.append(_trial(spec, key, step, C.to_flat_dict(cfg), start.result.width, tags, teacher_run))
+            plan.trials.append(_make_trial(spec, key, step, C.to_flat_dict(cfg), start.result.width, tags, teacher_run))
     return plan
 
 
-def _teacher_ref(store: Store, teacher: str, start: Start, results: list[DenseResult]) -> str:
-    if teacher == "parent":
+def _teacher_ref(teacher: str, start: Start, results: list[DenseResult]) -> str:
+    """The teacher reference of one chain: selectors resolved against the dense stage's runs."""
+    parsed = parse_teacher(teacher)
+    if parsed == PARENT:
         return start.result.run_id
-    if teacher == "best_dense":
-        peers = [r for r in results if _data_key(r) == _data_key(start.result)]
+    if isinstance(parsed, TeacherSelector):
+        peers = [r for r in results if _data_key(r) == _data_key(start.result) and parsed.accepts(r.config)]
+        if not peers:
+            raise UsageError(f"teacher {teacher}: no finished dense run on the data of {start.result.run_id} "
+                             "has these options")
         return max(peers, key=lambda r: (r.metrics.get("val_acc", -1.0), -r.width)).run_id
-    return teacher
+    return parsed
 
 
 _DATA_FIELDS = tuple(C.flat_fields(C.DataConfig))
@@ -555,7 +575,7 @@ def ray_runtime(address: str | None) -> Iterator[None]:
         return
     _check_ray_address(address)
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    if _is_local(address):
         kwargs["include_dashboard"] = False  # a local runtime: nobody watches its dashboard
     try:
         ray.init(address=address, **kwargs)
@@ -584,11 +604,23 @@ def _check_ray_address(address: str | None) -> None:
         raise UsageError(f"Ray at {address} is unreachable ({err.strerror or err})") from None
 
 
-def check_resources(study: StudyFile, stages: list[str]) -> None:
-    """Every resource request of these stages must fit on some alive node."""
-    import ray
+def _is_local(address: str | None) -> bool:
+    return address is None and os.environ.get("RAY_ADDRESS", "local") in ("", "local")
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+def local_node() -> dict[str, float]:
+    """The resources a new local Ray runtime would have: checked before starting one for nothing."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def check_resources(study: StudyFile, stages: list[str], nodes: list[dict[str, float]] | None = None) -> None:
+    """Every resource request of these stages must fit on some node (default: Ray's alive nodes)."""
+    if nodes is None:
+        import ray
+
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     widths = study.stages["dense"].values("width", C.ModelConfig().width) if "dense" in study.stages else ()
     for stage in stages:
         resources = study.stages[stage].resources
@@ -722,52 +754,80 @@ def _progress_callback(stage: str, total: int) -> Any:
     return Progress()
 
 
-def execute(plan: Plan, study: StudyFile, ctx: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run the plan's trials as one Tune grid; one trials.json record per planned trial, in plan order."""
+def _record(trial: Trial, **fields: Any) -> dict[str, Any]:
+    """A trials.json record (the format the analysis reads)."""
+    return {"trial": trial.key, "step": trial.step, "config": trial.config, "run_id": None, "status": "KILLED",
+            "reused": False, "error": None, "attempts": 0, **fields}
+
+
+def execute(trials: list[Trial], stage: str, study: StudyFile, ctx: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Run trials as one Tune grid; their trials.json records by trial key."""
     from ray import tune
 
-    if not plan.trials:
-        return []
     # Tune's new output engine prints its experiment table even at verbose=0; the legacy one is silent
     # there, and the progress callback reports instead. Set RAY_AIR_NEW_OUTPUT=1 to get Tune's table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
         tune.with_resources(run_trial, _trial_resources),
-        param_space={"spec": tune.grid_search([t.spec() for t in plan.trials]), "ctx": ctx},
+        param_space={"spec": tune.grid_search([t.spec() for t in trials]), "ctx": ctx},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=study.max_concurrent,
-                                    trial_dirname_creator=lambda t: f"{plan.stage}_{t.trial_id}"),
+                                    trial_dirname_creator=lambda t: f"{stage}_{t.trial_id}"),
         run_config=tune.RunConfig(
-            name=f"{study.name}-{plan.stage}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=study.storage_path,
+            name=f"{study.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=study.storage_path,
             verbose=0, failure_config=tune.FailureConfig(max_failures=study.retries),
-            callbacks=[_progress_callback(plan.stage, len(plan.trials))]))
-    by_key = {}
-    for result in tuner.fit():
-        by_key[result.config["spec"]["key"]] = result
-    records = []
-    for trial in plan.trials:
-        result = by_key.get(trial.key)
+            callbacks=[_progress_callback(stage, len(trials))]))
+    results = {r.config["spec"]["key"]: r for r in tuner.fit()}
+    records = {}
+    for trial in trials:
+        result = results.get(trial.key)
         metrics = result.metrics if result is not None else {}
-        record = {"trial": trial.key, "step": trial.step, "config": trial.config, "run_id": None,
-                  "status": "KILLED", "reused": False, "error": None, "attempts": 0}
         if metrics.get("status"):
-            record.update(run_id=metrics["run_id"] or None, status=metrics["status"], reused=bool(metrics["reused"]),
-                          error=metrics["error"] or None, attempts=int(metrics["attempts"]))
-        elif result is not None and result.error is not None:
-            record.update(status="FAILED", error=f"{type(result.error).__name__}: {result.error}"[:2000],
-                          attempts=study.retries + 1)
-        records.append(record)
+            records[trial.key] = _record(trial, run_id=metrics["run_id"] or None, status=metrics["status"],
+                                         reused=bool(metrics["reused"]), error=metrics["error"] or None,
+                                         attempts=int(metrics["attempts"]))
+        elif result is not None and result.error is not None:  # the worker process died, retries included
+            records[trial.key] = _record(trial, status="FAILED", attempts=study.retries + 1,
+                                         error=f"{type(result.error).__name__}: {result.error}"[:2000])
+        else:
+            records[trial.key] = _record(trial)
     return records
+
+
+def covered_trials(store: Store, plan: Plan) -> dict[str, str]:
+    """Trials whose finished run already exists (by config hash): recorded as reused, never launched.
+
+    The steps themselves would return the same run, but only after a worker has started, imported
+    torch and loaded the data; a re-run of a finished study then takes seconds and needs no Ray.
+    """
+    found = {t.key: finished_run(store, t) for t in plan.trials if not t.config.get("force")}
+    return {k: v for k, v in found.items() if v}
+
+
+class _RayOnDemand:
+    """Starts (or connects to) Ray the first time a trial has to run, and checks the resource requests."""
+
+    def __init__(self, stack: ExitStack, address: str | None, study: StudyFile, stages: list[str]) -> None:
+        self.stack, self.address, self.study, self.stages = stack, address, study, stages
+        self.ready = False
+
+    def __call__(self) -> None:
+        if not self.ready:
+            if _is_local(self.address):
+                check_resources(self.study, self.stages, [local_node()])
+            self.stack.enter_context(ray_runtime(self.address))
+            check_resources(self.study, self.stages)
+            self.ready = True
 
 
 # --- stages and sweeps --------------------------------------------------------------------------
 
-def run_stage(store: Store, study: StudyFile, stage: str, study_run_id: str, plan: Plan,
-              project: _ProjectRun) -> StageOutcome:
+def run_stage(store: Store, study: StudyFile, study_run_id: str, plan: Plan, covered: dict[str, str],
+              project: _ProjectRun, need_ray: _RayOnDemand) -> StageOutcome:
     from mlflow.entities import Metric, RunTag
 
     from sdd import tracking
 
-    client = store.client
+    client, stage = store.client, plan.stage
     stage_run_id = open_stage_run(store, study, study_run_id, stage, project)
     for note in plan.notes:
         log.info("%s stage: %s", stage, note)
@@ -775,30 +835,37 @@ def run_stage(store: Store, study: StudyFile, stage: str, study_run_id: str, pla
         client.log_batch(stage_run_id, tags=[RunTag(k, v) for k, v in plan.tags.items()])
     if plan.starts:
         client.log_text(stage_run_id, json.dumps(plan.starts, indent=1), STARTS_ARTIFACT)
-    settle_orphans(store, stage_run_id)
-    log.info("%s stage (run %s): %d trials", stage, stage_run_id, len(plan.trials))
+    pending = [t for t in plan.trials if t.key not in covered]
+    log.info("%s stage (run %s): %d trials, %d covered by finished runs, %d to run", stage, stage_run_id,
+             len(plan.trials), len(covered), len(pending))
     ctx = {"tracking_uri": store.uri, "experiment": store.experiment, "study_run_id": study_run_id,
            "stage_run_id": stage_run_id, "retries": study.retries}
     started = time.monotonic()
     try:
-        records = execute(plan, study, ctx)
+        ran = {}
+        if pending:
+            settle_orphans(store, stage_run_id)
+            need_ray()
+            ran = execute(pending, stage, study, ctx)
     except BaseException as err:
         client.set_tag(stage_run_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
         tracking.terminate(client, stage_run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     seconds = time.monotonic() - started
+    records = [ran[t.key] if t.key in ran else _record(t, run_id=covered[t.key], status="FINISHED", reused=True)
+               for t in plan.trials]
     outcome = StageOutcome(stage, stage_run_id, records, seconds)
     client.log_text(stage_run_id, json.dumps(records, indent=1), TRIALS_ARTIFACT)
     finished = sum(r["status"] == "FINISHED" for r in records)
     reused = sum(r["reused"] for r in records)
+    failed_keys = "; ".join(r["trial"] for r in records if r["status"] != "FINISHED")
     client.log_batch(stage_run_id, metrics=[
         Metric(k, float(v), int(time.time() * 1000), 0) for k, v in (
             ("trials_total", len(records)), ("trials_finished", finished), ("trials_failed", outcome.failed),
             ("trials_reused", reused), ("wall_time_s", seconds))],
         tags=[RunTag("sdd.trials_failed", str(outcome.failed))] + (
-            [RunTag("sdd.failed_trials", "; ".join(r["trial"] for r in records if r["status"] != "FINISHED")[:5000])]
-            if outcome.failed else []))
-    tracking.terminate(client, stage_run_id, "FINISHED" if not outcome.failed else "FAILED")
+            [RunTag("sdd.failed_trials", failed_keys[:5000])] if failed_keys else []))
+    tracking.terminate(client, stage_run_id, "FAILED" if outcome.failed else "FINISHED")
     log.info("%s stage: %d/%d trials finished (%d reused, %d failed) in %.0fs", stage, finished, len(records),
              reused, outcome.failed, seconds)
     return outcome
@@ -812,21 +879,30 @@ def run_sweep(path: str | Path, *, stage: str | None = None, address: str | None
     study = with_storage(load_study(path), storage_path)
     stages = _stages(study, stage)
     project = _ProjectRun()
-    store = open_store(study.experiment, create=True)
-    previous = find_study_run(store, study)
-    # Plan what can be planned before anything starts: bad input fails here, with no run created.
-    first = plan_stage(store, study, stages[0], previous.info.run_id if previous else None)
-    with ray_runtime(address):
-        check_resources(study, stages)
-        study_run_id = open_study_run(store, study, project)
-        outcomes: list[StageOutcome] = []
+    outcomes: list[StageOutcome] = []
+    with ExitStack() as stack:
+        # Bad input (the store, the first stage's plan, Ray, resources) fails here, before any run exists.
         try:
-            for name in stages:
-                plan = first if name == stages[0] else plan_stage(store, study, name, study_run_id)
-                outcomes.append(run_stage(store, study, name, study_run_id, plan, project))
+            store = open_store(study.experiment, create=True)
+            previous = find_study_run(store, study)
+            need_ray = _RayOnDemand(stack, address, study, stages)
+            plan = plan_stage(store, study, stages[0], previous.info.run_id if previous else None)
+            covered = covered_trials(store, plan)
+            if len(covered) < len(plan.trials):
+                need_ray()
+            study_run_id = open_study_run(store, study, project)
+        except BaseException:
+            project.restore()
+            raise
+        try:
+            for i, name in enumerate(stages):
+                if i:
+                    plan = plan_stage(store, study, name, study_run_id)
+                    covered = covered_trials(store, plan)
+                outcomes.append(run_stage(store, study, study_run_id, plan, covered, project, need_ray))
                 if name == "dense" and outcomes[-1].failed and len(stages) > 1:
-                    log.error("dense stage: %d trial(s) failed; the chain stages need every dense run, not run",
-                              outcomes[-1].failed)
+                    log.error("dense stage: %d trial(s) failed; the chain stages start from dense runs and were "
+                              "not run", outcomes[-1].failed)
                     break
         except BaseException as err:
             store.client.set_tag(study_run_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
@@ -835,10 +911,9 @@ def run_sweep(path: str | Path, *, stage: str | None = None, address: str | None
             raise
         finally:
             project.discard(store)
-    failed = sum(o.failed for o in outcomes)
-    tracking.terminate(store.client, study_run_id, "FINISHED" if not failed and len(outcomes) == len(stages)
-                       else "FAILED")
-    return SweepOutcome(study, study_run_id, outcomes, store.uri)
+    outcome = SweepOutcome(study, study_run_id, outcomes, store.uri, stages)
+    tracking.terminate(store.client, study_run_id, "FINISHED" if outcome.complete else "FAILED")
+    return outcome
 
 
 def _stages(study: StudyFile, stage: str | None) -> list[str]:
@@ -865,12 +940,8 @@ def dry_run(path: str | Path, *, stage: str | None = None) -> list[str]:
     for name in stages:
         try:
             plan = plan_stage(store, study, name, previous.info.run_id if previous else None)
-        except UsageError as err:
-            if name == "dense" or "has not run yet" not in str(err):
-                raise
-            lines.append(f"stage {name}: the dense stage has not run yet; its starting checkpoints are chosen "
-                         f"after it ({_start_summary(study.stages[name])}) x {len(study.stages[name].points())} "
-                         f"grid point(s)")
+        except DenseStageNotRun:
+            lines.append(f"stage {name}: the dense stage has not run yet; {_start_summary(study.stages[name])}")
             continue
         done = {t.key: finished_run(store, t) for t in plan.trials}
         todo = sum(v is None for v in done.values())
@@ -884,9 +955,12 @@ def dry_run(path: str | Path, *, stage: str | None = None) -> list[str]:
 
 
 def _start_summary(stage: Stage) -> str:
+    points = len(stage.points())
     if isinstance(stage.start, AutoStart):
-        return "widths " + ", ".join(stage.start.roles) + " the interpolation threshold"
-    return f"{len(stage.start)} named checkpoint(s)"
+        seeds = f"seeds {', '.join(map(str, stage.start.seeds))}" if stage.start.seeds else "the first seed"
+        return (f"{points} chain(s) from each of the widths {', '.join(stage.start.roles)} the interpolation "
+                f"threshold it finds ({seeds}, per group of dense runs), chosen once it has run")
+    return f"{len(stage.start)} named checkpoint(s) x {points} grid point(s) = {len(stage.start) * points} chain(s)"
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -896,30 +970,57 @@ HELP = "run a study file's stages as Ray Tune grids (dense widths, pruning and d
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="study file, e.g. sweeps/mnist1d_quick.yaml")
-    p.add_argument("--stage", choices=("dense", "prune", "distill"), default=None,
+    p.add_argument("--stage", type=_choice_or_none(STAGES), default=None, metavar="{" + ",".join(STAGES) + "}",
                    help="run only this stage, inside the file's most recent study run (default: every stage)")
     add_ray_options(p)
-    p.add_argument("--dry-run", action="store_true",
+    p.add_argument("--dry-run", nargs="?", const=True, default=False, type=_flag, metavar="true|false",
                    help="print every trial with its resources and whether a finished run covers it; run nothing")
 
 
 def add_ray_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None,
+    p.add_argument("--address", type=_text_or_none, default=None,
                    help="Ray cluster: auto, host:port (GCS) or ray://host:port (default: $RAY_ADDRESS, else a "
                         "new local Ray)")
-    p.add_argument("--storage-path", default=None,
+    p.add_argument("--storage-path", type=_text_or_none, default=None,
                    help="Ray Tune storage (shared folder or s3:// on multi-node clusters; overrides the file's "
                         "storage_path; default: ~/ray_results)")
+
+
+# MLproject entry points pass every parameter, an unset one as "": it means the option's default.
+
+def _text_or_none(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _choice_or_none(choices: tuple[str, ...]) -> Any:
+    def parse(text: str) -> str | None:
+        value = _text_or_none(text)
+        if value is not None and value not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value
+    return parse
+
+
+def _flag(text: str) -> bool:
+    try:
+        return bool(C.parse_value(bool, text or "false"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def command(args: argparse.Namespace) -> int:
     if args.dry_run:
         for line in dry_run(args.file, stage=args.stage):
             print(line)
+        if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: a dry run leaves nothing behind
+            from sdd.tracking import discard_project_run
+
+            discard_project_run()
         return 0
     outcome = run_sweep(args.file, stage=args.stage, address=args.address, storage_path=args.storage_path)
     print_outcome(outcome)
-    return 1 if outcome.failed or len(outcome.stages) < len(_stages(outcome.study, args.stage)) else 0
+    print(f"browse the runs: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    return 0 if outcome.complete else 1
 
 
 def print_outcome(outcome: SweepOutcome) -> None:
@@ -927,4 +1028,4 @@ def print_outcome(outcome: SweepOutcome) -> None:
         finished = sum(r["status"] == "FINISHED" for r in stage.records)
         print(f"{stage.stage}: {finished}/{len(stage.records)} trials finished, {stage.failed} failed "
               f"({stage.seconds:.0f}s), stage run {stage.run_id}")
-    print(f"study run {outcome.study_run_id}; browse it: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    print(f"study run {outcome.study_run_id} ({outcome.study.name})")

@@ -65,3 +65,17 @@ def test_non_numeric_parameter_leaves_no_run(store, tmp_path):
     while time.time() < deadline and _runs(client):
         time.sleep(0.5)
     assert _runs(client) == []
+
+
+def test_sweep_entry_point_dry_run(store, tmp_path):
+    study = tmp_path / "tiny.yaml"
+    study.write_text("name: tiny\nstages:\n  dense:\n    recipe: {train_size: 200, test_size: 100, val_size: 50, "
+                     "epochs: 5}\n    grid: {width: [8, 16]}\n")
+    result = mlflow_run("sweep", "-P", f"file={study}", "-P", "dry_run=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "width=8" in result.stdout and "width=16" in result.stdout
+    client = tracking.get_client()
+    deadline = time.time() + 30  # a dry run logs nothing: the launcher's own run is reaped
+    while time.time() < deadline and _runs(client):
+        time.sleep(0.5)
+    assert _runs(client) == []

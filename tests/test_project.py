@@ -29,8 +29,9 @@ def test_required_pins():
 
 def _options(command: str) -> set[str]:
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
-    return {opt[2:].replace("-", "_") for a in sub._actions for opt in a.option_strings
-            if opt.startswith("--") and opt != "--help"}
+    options = {opt[2:].replace("-", "_") for a in sub._actions for opt in a.option_strings
+               if opt.startswith("--") and opt != "--help"}
+    return options | {a.dest for a in sub._actions if not a.option_strings}
 
 
 def test_every_mlproject_entry_point_calls_the_cli_with_all_its_options():

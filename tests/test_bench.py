@@ -1,0 +1,106 @@
+"""`sdd bench`: every figure is produced at a tiny size (speeds are never asserted: design.md), and the
+command's output modes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sdd import bench
+from sdd.errors import UsageError
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.configure_parser(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.slow
+def test_tiny_bench_produces_every_figure(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "out" / "bench.json"
+    out.parent.mkdir()
+
+    assert bench.command(_args("--tiny", "--json", str(out))) == 0
+
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    size = bench.SIZES["tiny"]
+    figures = report["figures"]
+    by_item = {i: [f for f in figures if f["item"] == i] for i in range(1, 7)}
+    image_models = len(size.image_models)
+    assert len(by_item[1]) == 2 + image_models  # MLP full batch, minibatch, each image model
+    assert len(by_item[2]) == 2 * 3  # project and baseline masking: both MLP cases and one image model
+    assert len(by_item[3]) == 2  # logging + evaluation share, log_metric vs log_batch
+    assert len(by_item[4]) == 2  # speed-up with Ray up, and including its start
+    assert len(by_item[5]) == len(size.artifact_models) * len(bench.ARTIFACT_SPARSITIES)
+    for f in figures:
+        for key in ("ratio", "a", "b"):
+            assert math.isfinite(f[key]) and f[key] > 0, f
+        assert f["name"] in table and f["measure"] in table
+    assert {f["target"] for f in figures} >= {">= 1.0", ">= 1.5", "<= 1.10", "<= 0.10", ">= 1.7", "<= 0.05"}
+    if torch.cuda.is_available():
+        assert by_item[6]
+    else:
+        assert [s["item"] for s in report["skipped"]] == [6]
+        assert "item 6 skipped" in table
+    # Every store, Ray Tune folder and checkpoint lived in a temporary folder, not in the working directory.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.slow
+def test_cuda_section_runs_on_the_cpu_too(tmp_path):
+    """Item 6 is measured on CUDA machines only; its code runs here with bf16 autocast on the CPU."""
+    size = replace(bench.SIZES["tiny"], image_models=bench.SIZES["tiny"].image_models[:1])
+    figures = bench.precision_and_layout(bench.make_context(size, torch.device("cpu"), 0, tmp_path))
+    assert len(figures) == 3
+    for f in figures:
+        assert f.item == 6 and math.isfinite(f.ratio) and f.ratio > 0 and f.a > 0 and f.b > 0
+
+
+def _report() -> bench.Report:
+    report = bench.Report("tiny", "cpu", {"torch": "x", "cpus": 2, "threads": 2, "load_average_start": 1.0,
+                                          "load_average_end": 1.0})
+    report.figures.append(bench.Figure(5, "a model", "bytes: save_sparse / save_state dense", 0.04, 4.0, 100.0,
+                                       "bytes", target="<= 0.05"))
+    report.skipped.append({"item": 6, "reason": "no CUDA device"})
+    return report
+
+
+def test_json_flag_alone_prints_only_json(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run", lambda size, workers, threads: _report())
+    assert bench.command(_args("--quick", "--json")) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["figures"][0]["met"] is True and data["skipped"][0]["item"] == 6
+
+
+def test_json_path_writes_file_and_prints_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run", lambda size, workers, threads: _report())
+    path = tmp_path / "b.json"
+    assert bench.command(_args("--json", str(path))) == 0
+    table = capsys.readouterr().out
+    assert "a model" in table and "yes" in table and "> 1 means the project is better" in table
+    assert json.loads(path.read_text())["size"] == "tiny"
+
+
+def test_sizes_are_chosen_by_flag(monkeypatch, capsys):
+    chosen = []
+    monkeypatch.setattr(bench, "run",
+                        lambda size, workers, threads: chosen.append((size, workers, threads)) or _report())
+    for argv in ([], ["--quick", "--threads", "2"], ["--tiny", "--loader-workers", "2"]):
+        bench.command(_args(*argv))
+    assert chosen == [("full", 0, 1), ("quick", 0, 2), ("tiny", 2, 1)]
+
+
+@pytest.mark.parametrize("option", ["--loader-workers", "--threads"])
+def test_out_of_range_counts_are_bad_input(option):
+    with pytest.raises(UsageError, match=option):
+        bench.command(_args(option, "-1"))

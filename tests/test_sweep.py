@@ -1,0 +1,330 @@
+"""`sdd sweep` on a real local Ray runtime and a real sqlite store: lineage, reuse, failures, bad input,
+and a driver killed mid-sweep."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from sdd import cli, study, sweep
+from sdd.errors import UsageError
+from sdd.study_file import load_study
+
+TRIAL_KEYS = {"trial", "step", "config", "run_id", "status", "reused", "error", "attempts"}
+
+# 2 widths x 2 seeds. Width 128 fits the 20% noisy labels of 200 samples, width 8 does not: the
+# interpolation threshold is 128, and the prune stage starts from 8 (below) and 128 (at).
+TINY = """
+name: tiny
+stages:
+  dense:
+    recipe: {dataset: mnist1d, model: mlp, train_size: 200, test_size: 100, val_size: 50, noise: 0.2,
+             epochs: 150, lr: 0.01, eval_every: 50, device: cpu}
+    grid: {width: [8, 128], seed: [0, 1]}
+  prune:
+    start: {select: [before, below, at, above, after], threshold: 0.9}
+    recipe: {levels: 2, epochs: 20, register: false, device: cpu}
+"""
+
+
+SDD = [sys.executable, "-m", "sdd"]
+
+
+def sdd_main(*argv: str) -> int:
+    """The `sdd` command line, in this process (so the sweep uses this module's Ray runtime)."""
+    return cli.main(list(argv))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = previous
+
+
+def write_study(tmp_path: Path, text: str = TINY, name: str = "tiny.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def all_runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=5000)
+
+
+def by_step(runs: list, step: str) -> list:
+    return [r for r in runs if r.data.tags.get("sdd.step") == step]
+
+
+def trials_json(uri: str, run_id: str) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(MlflowClient(uri).download_artifacts(run_id, "trials.json", tmp)).read_text())
+
+
+@pytest.mark.slow
+def test_dense_grid_and_prune_stage_lineage_then_rerun_trains_nothing(ray_local, store, tmp_path, capsys):
+    path = write_study(tmp_path)
+    assert sdd_main("sweep", str(path), "--storage-path", str(tmp_path / "ray")) == 0
+    runs = all_runs(store)
+    ids = {r.info.run_id: r for r in runs}
+    parent = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in runs}
+
+    (study_run,) = by_step(runs, "study")
+    assert study_run.info.status == "FINISHED" and parent[study_run.info.run_id] is None
+    assert study_run.data.tags["sdd.study_file"] == "tiny.yaml" and study_run.info.run_name == "tiny"
+    stages = {r.data.tags["sdd.stage"]: r for r in by_step(runs, "sweep")}
+    assert set(stages) == {"dense", "prune"}
+    for stage in stages.values():
+        assert parent[stage.info.run_id] == study_run.info.run_id and stage.info.status == "FINISHED"
+        assert stage.data.tags["sdd.study_run_id"] == study_run.info.run_id
+
+    dense = by_step(runs, "train")
+    assert len(dense) == 4
+    for run in dense:
+        assert parent[run.info.run_id] == stages["dense"].info.run_id and run.info.status == "FINISHED"
+        assert run.data.tags["sdd.study_run_id"] == study_run.info.run_id
+        assert run.data.tags["sdd.stage_run_id"] == stages["dense"].info.run_id
+
+    records = trials_json(store, stages["dense"].info.run_id)
+    assert all(set(r) == TRIAL_KEYS for r in records)
+    assert sorted(r["trial"] for r in records) == sorted(f"width={w},seed={s}" for w in (8, 128) for s in (0, 1))
+    assert {r["run_id"] for r in records} == {r.info.run_id for r in dense}
+    assert all(r["status"] == "FINISHED" and r["step"] == "train" and r["attempts"] == 1 and not r["reused"]
+               and r["error"] is None for r in records)
+    assert records[0]["config"]["epochs"] == 150 and records[0]["config"]["noise"] == 0.2
+    metrics = stages["dense"].data.metrics
+    assert (metrics["trials_total"], metrics["trials_finished"], metrics["trials_failed"]) == (4, 4, 0)
+    assert metrics["wall_time_s"] > 0
+
+    # Starting checkpoints chosen around the threshold: below (width 8) and at it (width 128), seed 0.
+    assert json.loads(stages["prune"].data.tags["sdd.it_widths"]) == {"all": 128}
+    chains = by_step(runs, "prune")
+    assert len(chains) == 2
+    roles = {}
+    for chain in chains:
+        dense_parent = ids[parent[chain.info.run_id]]
+        assert dense_parent.data.tags["sdd.step"] == "train"
+        assert chain.data.tags["sdd.dense_run_id"] == dense_parent.info.run_id
+        assert chain.data.tags["sdd.stage_run_id"] == stages["prune"].info.run_id
+        assert chain.data.tags["sdd.study_run_id"] == study_run.info.run_id
+        roles[chain.data.tags["sdd.start_role"]] = (dense_parent.data.params["width"], dense_parent.data.params["seed"])
+    assert roles == {"below": ("8", "0"), "at": ("128", "0")}
+    levels = by_step(runs, "level")
+    assert len(levels) == 4 and {parent[lv.info.run_id] for lv in levels} == {c.info.run_id for c in chains}
+    chain_records = trials_json(store, stages["prune"].info.run_id)
+    assert {r["run_id"] for r in chain_records} == {c.info.run_id for c in chains}
+    assert all(r["step"] == "prune" and r["config"]["levels"] == 2 for r in chain_records)
+    assert len(runs) == 1 + 2 + 4 + 2 + 4
+
+    # The same sweep again: nothing is trained, no run is added, every trial is the old run.
+    assert sdd_main("sweep", str(path), "--storage-path", str(tmp_path / "ray")) == 0
+    again = all_runs(store)
+    assert len(again) == len(runs)
+    records = trials_json(store, stages["dense"].info.run_id) + trials_json(store, stages["prune"].info.run_id)
+    assert all(r["reused"] and r["status"] == "FINISHED" for r in records)
+    assert {r["run_id"] for r in records} == {r.info.run_id for r in dense + chains}
+
+    # One stage alone, inside the same study run; and the dry run sees every trial covered.
+    assert sdd_main("sweep", str(path), "--stage", "prune") == 0
+    assert len(all_runs(store)) == len(runs)
+    capsys.readouterr()
+    assert sdd_main("sweep", str(path), "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "stage dense: 4 trial(s), 0 to run, 4 covered by finished runs" in out
+    assert "stage prune: 2 trial(s), 0 to run, 2 covered by finished runs" in out
+    assert "interpolation threshold at width 128" in out
+
+
+def test_starting_widths_around_the_threshold(tmp_path):
+    grid = "[8, 16, 32, 64, 96, 128, 192, 256, 512]"
+    study_file = write_study(tmp_path, TINY.replace("[8, 128]", grid).replace("threshold: 0.9", "threshold: 0.95"))
+    fits = {8: 0.08, 16: 0.1, 32: 0.17, 64: 0.35, 96: 0.63, 128: 0.96, 192: 0.99, 256: 1.0, 512: 1.0}
+    results = [sweep.DenseResult(f"{w:04d}{s}".ljust(32, "0"), {"width": w, "seed": s},
+                                 {"train_acc_noisy": fits[w] + 0.01 * s}) for w in fits for s in (0, 1)]
+    starts, plan = sweep.select_starts(load_study(study_file), "prune", results)
+    assert [(s.role, s.result.width, s.result.seed) for s in starts] == [
+        ("before", 32, 0), ("below", 96, 0), ("at", 128, 0), ("above", 192, 0), ("after", 512, 0)]
+    assert json.loads(plan.tags["sdd.it_widths"]) == {"all": 128}
+    fits[512] = fits[256] = fits[192] = fits[128] = 0.5
+    with pytest.raises(UsageError, match=r"no dense width fits the noisy labels to 0.95 \(best: 0.630 at width 96"):
+        sweep.select_starts(load_study(study_file), "prune",
+                            [sweep.DenseResult(r.run_id, r.config, {"train_acc_noisy": fits[r.width]})
+                             for r in results])
+
+
+def test_relative_data_dir_is_the_sweeps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study_file = write_study(tmp_path, TINY.replace("dataset: mnist1d,", "dataset: mnist1d, data_dir: data,"))
+    plan = sweep.plan_dense(sweep.Store("sqlite:///unused", None, None, "sdd"), load_study(study_file))
+    assert {t.config["data_dir"] for t in plan.trials} == {str(tmp_path / "data")}
+
+
+def test_mlproject_style_empty_options_mean_defaults():
+    args = cli.build_parser().parse_args(["sweep", "f.yaml", "--stage", "", "--address", "", "--storage-path", "",
+                                          "--dry-run", "false"])
+    assert (args.stage, args.address, args.storage_path, args.dry_run) == (None, None, None, False)
+    args = cli.build_parser().parse_args(["sweep", "f.yaml", "--stage", "prune", "--dry-run"])
+    assert (args.stage, args.dry_run) == ("prune", True)
+    args = cli.build_parser().parse_args(["study", "", "--out", ""])
+    assert (args.file, args.out) == (study.DEFAULT_FILE, None)
+
+
+def test_dry_run_creates_nothing(store, tmp_path, capsys):
+    path = write_study(tmp_path)
+    assert sdd_main("sweep", str(path), "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "stage dense: 4 trial(s), 4 to run" in out
+    assert "train   width=128,seed=1  [cpu 1, gpu 0]  to run" in out
+    assert "stage prune: the dense stage has not run yet" in out
+    client = MlflowClient(store)
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert all_runs(store) == []
+
+
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in SWEEPS.glob("*.yaml")))
+def test_every_preset_dry_runs(store, preset, capsys):
+    assert sdd_main("sweep", str(SWEEPS / preset), "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "to run" in out and "stage dense" in out
+    assert all_runs(store) == []
+
+
+FAILING = """
+name: failing
+retries: 1
+stages:
+  dense:
+    recipe: {model: mlp, train_size: 200, test_size: 100, val_size: 50, epochs: 20, device: cpu}
+    grid:
+      - {dataset: [mnist1d], width: [8, 2000000000]}
+      - {dataset: [cifar10], data_dir: [/nonexistent], width: [8]}
+  prune:
+    start: {select: [at]}
+    recipe: {levels: 1, register: false}
+"""
+
+
+@pytest.mark.slow
+def test_failed_trials_are_retried_and_reported(ray_local, store, tmp_path, capsys):
+    # Weights that cannot be allocated fail (RuntimeError) on every attempt: retried, then reported. A
+    # dataset whose files are missing is bad input (UsageError): not retried. The prune stage is not run.
+    path = write_study(tmp_path, FAILING)
+    assert sdd_main("sweep", str(path), "--storage-path", str(tmp_path / "ray")) == 1
+    runs = all_runs(store)
+    (stage,) = by_step(runs, "sweep")
+    assert stage.info.status == "FAILED" and stage.data.tags["sdd.trials_failed"] == "2"
+    assert "dataset=mnist1d,width=2000000000" in stage.data.tags["sdd.failed_trials"]
+    records = {r["trial"]: r for r in trials_json(store, stage.info.run_id)}
+    assert records["dataset=mnist1d,width=8"]["status"] == "FINISHED"
+    huge = records["dataset=mnist1d,width=2000000000"]
+    assert huge["status"] == "FAILED" and huge["attempts"] == 2 and "allocate" in huge["error"]
+    assert huge["run_id"] is None
+    bad = records["dataset=cifar10,data_dir=/nonexistent,width=8"]
+    assert bad["status"] == "FAILED" and bad["attempts"] == 1 and bad["error"].startswith("UsageError")
+    assert by_step(runs, "study")[0].info.status == "FAILED"
+    assert by_step(runs, "prune") == []
+    assert "dense: 1/3 trials finished, 2 failed" in capsys.readouterr().out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("resources", "    resources: {cpu: 64}\n"), "stages.dense.resources: no node can run a trial with cpu 64"),
+    (("stage", "distill"), "--stage distill: tiny.yaml has no distill stage"),
+    (("stage", "prune"), "prune stage: the dense stage of study tiny has not run yet"),
+    (("tracking", None), "is unreachable"),
+])
+def test_bad_input_exits_2_before_any_run(ray_local, store, tmp_path, monkeypatch, capsys, change, expected):
+    text, args = TINY, []
+    kind, value = change
+    if kind == "resources":
+        text = TINY.replace("    grid: {width: [8, 128], seed: [0, 1]}\n",
+                            "    grid: {width: [8, 128], seed: [0, 1]}\n" + value)
+    elif kind == "stage":
+        args = ["--stage", value]
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    path = write_study(tmp_path, text)
+    assert sdd_main("sweep", str(path), *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    if kind != "tracking":
+        assert all_runs(store) == []
+
+
+def test_unreachable_ray_address_exits_2(store, tmp_path):
+    path = write_study(tmp_path)
+    proc = subprocess.run(SDD + ["sweep", str(path), "--address", f"127.0.0.1:{free_port()}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": store})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("sdd: error: Ray at 127.0.0.1:")
+    assert all_runs(store) == []
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_way_completes_without_duplicates(store, tmp_path):
+    # Six dense trials of a second or two each; the driver is SIGKILLed once the first has finished.
+    text = TINY.replace("epochs: 150", "epochs: 1000").replace("grid: {width: [8, 128], seed: [0, 1]}",
+                                                               "grid: {width: [8, 32, 128], seed: [0, 1]}")
+    text = text[:text.index("  prune:")]
+    path = write_study(tmp_path, text)
+    argv = SDD + ["sweep", str(path), "--storage-path", str(tmp_path / "ray")]
+    # A new local Ray, never a cluster some other process started on this machine.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}
+    first = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not [r for r in by_step(all_runs(store), "train") if r.info.status == "FINISHED"]:
+            assert first.poll() is None and time.monotonic() < deadline, "no dense run finished"
+            time.sleep(0.5)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        killed = [r for r in by_step(all_runs(store), "train") if r.info.status != "FINISHED"]
+        second = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+        assert second.returncode == 0, second.stderr[-3000:]
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)  # whatever the killed driver's session left (Ray workers)
+        except ProcessLookupError:
+            pass
+    runs = all_runs(store)
+    dense = by_step(runs, "train")
+    finished = [r for r in dense if r.info.status == "FINISHED"]
+    hashes = [r.data.tags["sdd.config_hash"] for r in finished]
+    assert len(finished) == 6 and len(set(hashes)) == 6, "a trial was trained twice"
+    # A run the kill interrupted is marked KILLED, or resumed from its checkpoint and FINISHED.
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in dense), [r.info.status for r in dense]
+    assert {r.info.run_id for r in killed} <= {r.info.run_id for r in dense}
+    assert len(by_step(runs, "study")) == 1 and len(by_step(runs, "sweep")) == 1
+    (stage,) = by_step(runs, "sweep")
+    records = trials_json(store, stage.info.run_id)
+    assert all(r["status"] == "FINISHED" for r in records) and any(r["reused"] for r in records)
+    assert {r["run_id"] for r in records} == {r.info.run_id for r in finished}
