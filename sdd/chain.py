@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from sdd import models, pruning, registry, tracking
 from sdd.checkpoints import check_masks_fit
-from sdd.config import DistillConfig, PruneConfig, TrainConfig, config_hash, from_flat_dict, to_flat_dict
+from sdd.config import DistillConfig, PruneConfig, TrainConfig, chain_hash, from_flat_dict, to_flat_dict
 from sdd.dense import StepResult, evaluate_all, nonzero_counts
 from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.errors import UsageError
@@ -96,9 +96,7 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
         teacher = load_teacher(client, distill.teacher, problem.splits.input_shape, problem.splits.num_classes,
                                device)
     step = "distill" if teacher else "prune"
-    chash = config_hash(cfg, parent=parent.run.info.run_id,
-                        distill=to_flat_dict(distill) if distill else None,
-                        teacher_run=teacher.run_id if teacher else None)
+    chash = chain_hash(cfg, parent.run.info.run_id, distill, teacher.run_id if teacher else None)
     if not cfg.force:
         done = tracking.find_finished(client, exp_id, step, chash)
         if done is not None:

@@ -296,6 +296,17 @@ def config_hash(config: Any, **extra: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def train_hash(cfg: TrainConfig, teacher_run: str | None) -> str:
+    """The hash naming a dense run; the teacher enters by its run, not by how it was referred to."""
+    return config_hash(cfg, teacher_run=teacher_run)
+
+
+def chain_hash(cfg: PruneConfig, parent_run_id: str, distill: DistillConfig | None, teacher_run: str | None) -> str:
+    """The hash naming a pruning or distillation chain: its options, its dense parent and its teacher."""
+    return config_hash(cfg, parent=parent_run_id, distill=to_flat_dict(distill) if distill else None,
+                       teacher_run=teacher_run)
+
+
 def from_flat_dict(cls: type, values: dict[str, Any]) -> Any:
     """Build a (nested) config from flat {field: value}; unknown keys raise UsageError."""
     remaining = dict(values)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdd import models, tracking
-from sdd.config import TrainConfig, config_hash, to_flat_dict
+from sdd.config import TrainConfig, to_flat_dict, train_hash
 from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.measures import activation_entropy, learning_distance, split_metrics
 from sdd.problem import Problem, build_model, load_problem, resolve_device
@@ -62,7 +62,7 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
     if cfg.distill.teacher:
         teacher = load_teacher(client, cfg.distill.teacher, problem.splits.input_shape,
                                problem.splits.num_classes, device)
-    chash = config_hash(cfg, teacher_run=teacher.run_id if teacher else None)
+    chash = train_hash(cfg, teacher.run_id if teacher else None)
     if not cfg.force:
         done = tracking.find_finished(client, exp_id, "train", chash)
         if done is not None:

@@ -549,15 +549,13 @@ def finished_run(store: Store, trial: Trial) -> str | None:
     if store.exp_id is None:
         return None
     if trial.step == "train":
-        cfg = C.from_flat_dict(C.TrainConfig, trial.config)
-        chash = C.config_hash(cfg, teacher_run=trial.teacher_run)
+        chash = C.train_hash(C.from_flat_dict(C.TrainConfig, trial.config), trial.teacher_run)
     elif trial.step == "prune":
         cfg = C.from_flat_dict(C.PruneConfig, trial.config)
-        chash = C.config_hash(cfg, parent=cfg.parent, distill=None, teacher_run=None)
+        chash = C.chain_hash(cfg, cfg.parent, None, None)
     else:
         both = C.from_flat_dict(C.DistillChainConfig, trial.config)
-        chash = C.config_hash(both.prune, parent=both.prune.parent, distill=C.to_flat_dict(both.distill),
-                              teacher_run=trial.teacher_run)
+        chash = C.chain_hash(both.prune, both.prune.parent, both.distill, trial.teacher_run)
     run = tracking.find_finished(store.client, store.exp_id, trial.step, chash)
     return run.info.run_id if run else None
 
