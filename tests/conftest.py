@@ -16,6 +16,10 @@ from sdd.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Every local Ray runtime of the session runs without token auth (the product keeps it on): Ray keeps
+# the auth mode of the first runtime in the process, so tests must not mix the two.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
 # Small MNIST-1D problem: generated in well under a second, trains in a fraction of one.
 TINY_DATA = DataConfig(train_size=400, test_size=200, val_size=100, noise=0.2)
 
