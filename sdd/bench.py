@@ -1,7 +1,7 @@
 """`sdd bench`: the project's fast paths timed against the plain PyTorch way, in one process and one run.
 
 Every figure is a ratio of two quantities measured in the same run, with project and baseline repeats
-interleaved (their order alternating) so that load from other processes hits both alike; medians
+interleaved (their order rotating) so that load from other processes hits both alike; medians
 over the repeats are reported. Absolute numbers are printed for context only: on a shared machine
 they move, the ratios much less.
 
@@ -58,6 +58,7 @@ class Size:
 
     name: str
     repeats: int  # interleaved repeats of every timed pair
+    mlp_repeats: int  # the MLP workloads are cheap: more repeats steady their medians
     mnist_train: int | None  # MNIST-1D training samples (None: the preset's)
     mnist_val: int | None
     mnist_test: int | None
@@ -77,20 +78,20 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    "full": Size("full", repeats=5, mnist_train=None, mnist_val=None, mnist_test=None,
-                 full_batch_epochs=(300, 30), minibatch_epochs=(20, 10), images=2048, image_epochs=(1, 1),
+    "full": Size("full", repeats=5, mlp_repeats=9, mnist_train=None, mnist_val=None, mnist_test=None,
+                 full_batch_epochs=(300, 30), minibatch_epochs=(40, 10), images=2048, image_epochs=(1, 1),
                  image_models=(("cnn5", 8), ("resnet18", 8)),
                  log_epochs=2000, log_evaluations=100,
                  artifact_models=(("mlp", 0), ("cnn5", 8), ("resnet18", 8), ("resnet18", 64)),
                  sweep_widths=(32, 64, 96, 128), sweep_seeds=(0, 1), sweep_epochs=2000),
-    "quick": Size("quick", repeats=3, mnist_train=None, mnist_val=None, mnist_test=None,
-                  full_batch_epochs=(60, 6), minibatch_epochs=(6, 3), images=384, image_epochs=(1, 1),
+    "quick": Size("quick", repeats=5, mlp_repeats=7, mnist_train=None, mnist_val=None, mnist_test=None,
+                  full_batch_epochs=(60, 6), minibatch_epochs=(12, 4), images=384, image_epochs=(1, 1),
                   image_models=(("cnn5", 8), ("resnet18", 8)),
                   log_epochs=200, log_evaluations=10,
                   artifact_models=(("mlp", 0), ("cnn5", 8), ("resnet18", 8), ("resnet18", 64)),
                   sweep_widths=(32, 64, 96, 128), sweep_seeds=(0, 1), sweep_epochs=100),
-    "tiny": Size("tiny", repeats=1, mnist_train=200, mnist_val=50, mnist_test=100, full_batch_epochs=(2, 1),
-                 minibatch_epochs=(1, 1), images=64, image_epochs=(1, 1), image_models=(("cnn5", 4), ("resnet18", 2)),
+    "tiny": Size("tiny", repeats=1, mlp_repeats=1, mnist_train=200, mnist_val=50, mnist_test=100,
+                 full_batch_epochs=(2, 1), minibatch_epochs=(1, 1), images=64, image_epochs=(1, 1), image_models=(("cnn5", 4), ("resnet18", 2)),
                  log_epochs=20, log_evaluations=3, artifact_models=(("mlp", 0), ("resnet18", 4)),
                  sweep_widths=(8,), sweep_seeds=(0,), sweep_epochs=2),
 }
@@ -282,6 +283,7 @@ class Workload:
     baseline_epochs: int
     augment: bool
     masked: bool  # also time it at 90% sparsity (item 2)
+    repeats: int
 
     def samples(self, baseline: bool = False) -> int:
         return (self.baseline_epochs if baseline else self.optim.epochs) * len(self.problem.splits.x_train)
@@ -305,15 +307,17 @@ def _workloads(ctx: Context) -> list[Workload]:
     full = replace(preset.optim, epochs=size.full_batch_epochs[0], batch_size=0)
     mini = replace(preset.optim, epochs=size.minibatch_epochs[0], batch_size=MNIST_MINIBATCH)
     mlp = f"MLP w{preset.model.width} MNIST-1D"
-    out = [Workload(f"{mlp} full batch", ctx.problem, preset.model, full, size.full_batch_epochs[1], False, True),
+    out = [Workload(f"{mlp} full batch", ctx.problem, preset.model, full, size.full_batch_epochs[1], False, True,
+                    size.mlp_repeats),
            Workload(f"{mlp} minibatch {MNIST_MINIBATCH}", ctx.problem, preset.model, mini, size.minibatch_epochs[1],
-                    False, True)]
+                    False, True, size.mlp_repeats)]
     images = _random_images(size.images, ctx.device)
     optim = C.OptimConfig(**IMAGE_OPTIM, epochs=size.image_epochs[0], batch_size=IMAGE_BATCH)
     for i, (name, width) in enumerate(size.image_models):
         # The masking cost is shown on the first image model; a second one would double the section's time.
         out.append(Workload(f"{name} w{width} {size.images} random CIFAR-shaped images, crop+flip", images,
-                            C.ModelConfig(model=name, width=width), optim, size.image_epochs[1], True, i == 0))
+                            C.ModelConfig(model=name, width=width), optim, size.image_epochs[1], True, i == 0,
+                            size.repeats))
     return out
 
 
@@ -363,6 +367,7 @@ def _baseline_runner(w: Workload, init: Any, masks: dict[str, Any] | None, loade
     from sdd import baseline
     from sdd.training import make_optimizer
 
+    # The plain way keeps PyTorch's default layout whatever layout sdd builds its models in.
     layout = torch.channels_last if channels_last else torch.contiguous_format
 
     def run() -> float:
@@ -406,33 +411,30 @@ def throughput_and_masking(ctx: Context) -> list[Figure]:
     for w in _workloads(ctx):
         log.info("item 1%s: %s", " and 2" if w.masked else "", w.label)
         init = _init_model(w)
-        # The baseline keeps the plain memory layout; the project's model is as sdd builds it.
-        plain = copy.deepcopy(init)
         x, y = w.problem.splits.x_train, w.problem.splits.y_train
         loader = baseline.make_loader(x, y, w.optim.batch_size, augment=w.augment, workers=ctx.workers,
                                       device=ctx.device)
         _warm_up(w, init)
-        runners = [_project_runner(w, init, None), _baseline_runner(w, plain, None, loader)]
+        runners = [_project_runner(w, init, None), _baseline_runner(w, init, None, loader)]
         if w.masked:
             masks = _masks(init)
-            runners += [_project_runner(w, init, masks), _baseline_runner(w, plain, masks, loader)]
-        times = _interleaved(ctx.size.repeats, runners)
+            runners += [_project_runner(w, init, masks), _baseline_runner(w, init, masks, loader)]
+        times = _interleaved(w.repeats, runners)
         project, base = w.throughput(times[0]), w.throughput(times[1], baseline=True)
         figures.append(Figure(
             1, w.label, "samples/s: sdd.fit / DataLoader loop", _median_ratio(project, base),
             statistics.median(project), statistics.median(base), "samples/s",
-            target=">= 1.5" if w.augment else ">= 1.0", repeats=ctx.size.repeats))
+            target=">= 1.5" if w.augment else ">= 1.0", repeats=w.repeats))
         if w.masked:
             # Same epochs on both sides of each ratio, so run times compare as step times.
             masking.append(Figure(
                 2, w.label, f"step time at {SPARSITY:.0%} sparsity: masked / dense, sdd.fit",
                 _median_ratio(times[2], times[0]), w.step_ms(times[2]), w.step_ms(times[0]), "ms",
-                target="<= 1.10", repeats=ctx.size.repeats))
+                target="<= 1.10", repeats=w.repeats))
             masking.append(Figure(
                 2, w.label, f"step time at {SPARSITY:.0%} sparsity: torch prune / dense, DataLoader loop",
                 _median_ratio(times[3], times[1]), w.step_ms(times[3], baseline=True),
-                w.step_ms(times[1], baseline=True), "ms", repeats=ctx.size.repeats,
-                note="the baseline's cost of masking, for comparison"))
+                w.step_ms(times[1], baseline=True), "ms", repeats=w.repeats))
     return figures + masking
 
 
@@ -441,7 +443,8 @@ def throughput_and_masking(ctx: Context) -> list[Figure]:
 def logging_share(ctx: Context) -> list[Figure]:
     """Item 3: evaluation + MLflow logging as a share of the preset recipe's wall time, as dense.run_train
     does them (evaluate_all every effective_eval_every epochs into a MetricLogger, flushed at the end),
-    and one log_batch per evaluation against one log_metric call per metric."""
+    and one log_batch per evaluation against one log_metric call per metric. The run's resumable
+    snapshots (every `resume_every` seconds, 600 by default) never fall inside the timed epochs."""
     import torch
 
     from sdd import models, tracking
@@ -650,7 +653,7 @@ def artifact_bytes(ctx: Context) -> list[Figure]:
 # --- item 6: CUDA -------------------------------------------------------------------------------
 
 def precision_and_layout(ctx: Context) -> list[Figure]:
-    """Item 6: the image workloads with bf16 autocast + channels_last on (the project's CUDA default)
+    """Item 6: the image workloads with bf16 autocast + channels_last on (the project's default on CUDA)
     and off, on both sides, and the project's own gain from them."""
     import torch
 
@@ -668,11 +671,11 @@ def precision_and_layout(ctx: Context) -> list[Figure]:
                                       device=ctx.device)
         _warm_up(w, init)
         log.info("item 6: %s with bf16 autocast + channels_last on and off", w.label)
-        on, off, base_on, base_off = _interleaved(ctx.size.repeats, [
+        on, off, base_on, base_off = _interleaved(w.repeats, [
             _project_runner(w, fast, None, autocast=True), _project_runner(w, plain, None, autocast=False),
             _baseline_runner(w, plain, None, loader, autocast=True, channels_last=True),
             _baseline_runner(w, plain, None, loader)])
-        n = ctx.size.repeats
+        n = w.repeats
         on, off = w.throughput(on), w.throughput(off)
         base_on, base_off = w.throughput(base_on, baseline=True), w.throughput(base_off, baseline=True)
         figures += [

@@ -63,6 +63,8 @@ def build_model(cfg: ModelConfig, problem: Problem, seed: int) -> nn.Module:
                                input_shape=problem.splits.input_shape,
                                num_classes=problem.splits.num_classes, maxpool=cfg.maxpool)
     model = model.to(problem.device)
-    if problem.device.type == "cuda" and len(problem.splits.input_shape) == 3:
+    # Image models train channels_last on every device: on a GPU it pairs with bf16 autocast, and on the
+    # CPU (oneDNN) `sdd bench` measured cnn5 and resnet18 (width 8) training 1.4-1.5x faster with it.
+    if len(problem.splits.input_shape) == 3:
         model = model.to(memory_format=torch.channels_last)
     return model
