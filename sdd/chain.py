@@ -121,7 +121,7 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
             tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
         chain_id = tracking.start_run(client, exp_id, name=name, tags=tags, parent_run_id=parent.run.info.run_id)
         params = {**to_flat_dict(cfg), **(to_flat_dict(distill) if distill else {}),
-                  "dense_" + "model": m.model, "dense_width": m.width, "dense_depth": m.depth,
+                  "dense_model": m.model, "dense_width": m.width, "dense_depth": m.depth,
                   "dataset": parent.config.data.dataset, "noise": parent.config.data.noise}
         tracking.log_params(client, chain_id, params)
     with tracking.finishing(client, chain_id):

@@ -7,6 +7,7 @@ stack, so Ray trials, nested chains and tests cannot leak runs into each other.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import logging
@@ -16,9 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import torch
@@ -30,6 +31,8 @@ from sdd import checkpoints
 from sdd.errors import UsageError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_EXPERIMENT = "sdd"
 PARENT_TAG = "mlflow.parentRunId"
@@ -251,23 +254,38 @@ class MetricLogger:
         self.last_flush = time.monotonic()
 
 
-def log_state(client: MlflowClient, run_id: str, state: Mapping[str, torch.Tensor], artifact_path: str) -> None:
-    """Log a state_dict as the artifact `artifact_path` (e.g. 'checkpoints/final.pt')."""
+def _log_file(client: MlflowClient, run_id: str, artifact_path: str, write: Callable[[Path], None]) -> None:
+    """Write a file with `write(path)` into a temporary folder and log it as `artifact_path`."""
     folder, filename = os.path.split(artifact_path)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / filename
-        checkpoints.save_state({k: v.detach().cpu() for k, v in state.items()}, path)
+        write(path)
         client.log_artifact(run_id, str(path), folder or None)
+
+
+def _read_file(client: MlflowClient, run_id: str, artifact_path: str, read: Callable[[str], T]) -> T:
+    """Download `artifact_path` into a temporary folder and return `read(local path)`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return read(client.download_artifacts(run_id, artifact_path, tmp))
+
+
+def _cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+def log_state(client: MlflowClient, run_id: str, state: Mapping[str, torch.Tensor], artifact_path: str) -> None:
+    """Log a state_dict as the artifact `artifact_path` (e.g. 'checkpoints/final.pt')."""
+    _log_file(client, run_id, artifact_path, lambda path: checkpoints.save_state(_cpu(state), path))
 
 
 def log_sparse_state(client: MlflowClient, run_id: str, state: Mapping[str, torch.Tensor],
                      masks: Mapping[str, torch.Tensor], artifact_path: str) -> None:
-    folder, filename = os.path.split(artifact_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / filename
-        checkpoints.save_sparse({k: v.detach().cpu() for k, v in state.items()},
-                                {k: v.detach().cpu().bool() for k, v in masks.items()}, path)
-        client.log_artifact(run_id, str(path), folder or None)
+    bool_masks = {k: v.bool() for k, v in _cpu(masks).items()}
+    _log_file(client, run_id, artifact_path, lambda path: checkpoints.save_sparse(_cpu(state), bool_masks, path))
+
+
+def log_training_state(client: MlflowClient, run_id: str, state: Mapping[str, Any], artifact_path: str) -> None:
+    _log_file(client, run_id, artifact_path, lambda path: checkpoints.save_training_state(state, path))
 
 
 def list_artifacts(client: MlflowClient, run_id: str, path: str) -> list[str]:
@@ -275,22 +293,19 @@ def list_artifacts(client: MlflowClient, run_id: str, path: str) -> list[str]:
 
 
 def load_state_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> dict[str, torch.Tensor]:
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, artifact_path, tmp)
-        return checkpoints.load_state(local)
+    return _read_file(client, run_id, artifact_path, checkpoints.load_state)
 
 
-def log_training_state(client: MlflowClient, run_id: str, state: Mapping[str, Any], artifact_path: str) -> None:
-    folder, filename = os.path.split(artifact_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / filename
-        checkpoints.save_training_state(state, path)
-        client.log_artifact(run_id, str(path), folder or None)
+def load_sparse_artifact(client: MlflowClient, run_id: str, artifact_path: str):
+    return _read_file(client, run_id, artifact_path, checkpoints.load_sparse)
 
 
 def load_training_state_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        return checkpoints.load_training_state(client.download_artifacts(run_id, artifact_path, tmp))
+    return _read_file(client, run_id, artifact_path, checkpoints.load_training_state)
+
+
+def load_json_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> Any:
+    return _read_file(client, run_id, artifact_path, lambda path: json.loads(Path(path).read_text()))
 
 
 def reopen_run(client: MlflowClient, run_id: str) -> None:
@@ -299,25 +314,12 @@ def reopen_run(client: MlflowClient, run_id: str) -> None:
     client.log_batch(run_id, tags=[RunTag("sdd.pid", str(os.getpid())), RunTag("sdd.host", socket.gethostname())])
 
 
-def load_sparse_artifact(client: MlflowClient, run_id: str, artifact_path: str):
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, artifact_path, tmp)
-        return checkpoints.load_sparse(local)
-
-
-def load_json_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> Any:
-    with tempfile.TemporaryDirectory() as tmp:
-        return json.loads(Path(client.download_artifacts(run_id, artifact_path, tmp)).read_text())
-
-
 def log_model(client: MlflowClient, run_id: str, model: torch.nn.Module, artifact_path: str = "model") -> str:
     """Log a loadable PyTorch model; returns its runs:/ uri.
 
     Pickle format: the default pt2 export needs an input example and loads back as a graph module
     without the zeroed weights' structure. The model is copied to the CPU first so it loads anywhere.
     """
-    import copy
-
     cpu_model = copy.deepcopy(model).to("cpu").eval()
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.pytorch.save_model(cpu_model, os.path.join(tmp, artifact_path), serialization_format="pickle",
