@@ -31,6 +31,8 @@ from sdd.training import Recipe, cross_entropy, fit
 
 log = logging.getLogger(__name__)
 
+LEVEL_RESUME_ARTIFACT = "level/resume.pt"
+
 # Metrics of a level that the chain logs per level and the analysis reads back.
 LEVEL_METRICS = ("train_acc", "train_loss", "train_acc_clean", "train_acc_noisy", "val_acc", "val_loss",
                  "test_acc", "test_loss", "entropy", "sparsity", "nonzero_params", "learning_distance",
@@ -162,15 +164,16 @@ class Chain:
     # --- records of finished levels -------------------------------------------------------------
 
     def _finished_levels(self) -> dict[int, Run]:
-        """Finished level runs by level; unfinished ones (a killed level) are deleted so they are redone."""
+        """Finished level runs by level."""
         done: dict[int, Run] = {}
-        for run in tracking.search(self.client, self.exp_id, tags={"sdd.step": "level"}, parent=self.chain_id):
+        for run in self._level_runs():
             level = int(run.data.tags["sdd.level"])
             if run.info.status == "FINISHED" and level not in done:
                 done[level] = run
-            else:
-                self.client.delete_run(run.info.run_id)
         return done
+
+    def _level_runs(self) -> list[Run]:
+        return tracking.search(self.client, self.exp_id, tags={"sdd.step": "level"}, parent=self.chain_id)
 
     def _load_level(self, model: torch.nn.Module, run: Run) -> pruning.Masks:
         """Load a level's weights into `model`; a file that does not fit the model is refused."""
@@ -211,11 +214,19 @@ class Chain:
         if resumed:
             masks = self._load_level(self.model, done[resumed])
             log.info("%s: levels 1-%d already finished, resuming at level %d", self.chain_id[:8], resumed, resumed + 1)
+        # The level a kill interrupted is continued in its own run (from its resume checkpoint, if
+        # it wrote one); any other unfinished level run is a leftover and is marked KILLED.
+        stale = [r for r in self._level_runs() if r.info.status != "FINISHED"]
+        interrupted = [r for r in stale if r.data.tags["sdd.level"] == str(resumed + 1)]
+        for run in stale:
+            if run.data.tags["sdd.level"] != str(resumed + 1):
+                tracking.mark_killed(self.client, run)
         stop = self._early_stop(history)
         started = time.monotonic()
         level = resumed + 1
         while stop is None and level <= self.levels:
-            metrics, masks = self._level(level, masks, logger)
+            reopened = tracking.take_over(self.client, interrupted) if level == resumed + 1 else None
+            metrics, masks = self._level(level, masks, logger, reopened)
             history.append(metrics)
             stop = self._early_stop(history)
             level += 1
@@ -233,7 +244,7 @@ class Chain:
 
     # --- one level -------------------------------------------------------------------------------
 
-    def _level(self, level: int, masks, logger: tracking.MetricLogger):
+    def _level(self, level: int, masks, logger: tracking.MetricLogger, reopened: Run | None = None):
         cfg, model, weights = self.cfg, self.model, self.weights
         t0 = time.monotonic()
         generator = torch.Generator(device=self.problem.device).manual_seed(cfg.seed * 100_003 + level)
@@ -250,20 +261,36 @@ class Chain:
         pruning.apply_masks(weights, float_masks)
         level_start = {k: v.detach().clone() for k, v in weights.items()}
 
-        level_id = tracking.start_run(
-            self.client, self.exp_id, name=f"level {level}", parent_run_id=self.chain_id, adopt_project_run=False,
-            tags={"sdd.step": "level", "sdd.level": str(level), "sdd.dense_run_id": self.dense_id,
-                  "sdd.chain_run_id": self.chain_id, "sdd.config_hash": f"{self.chash}-{level}"})
-        level_logger = tracking.MetricLogger(self.client, level_id)
+        if reopened is None:
+            level_id = tracking.start_run(
+                self.client, self.exp_id, name=f"level {level}", parent_run_id=self.chain_id,
+                adopt_project_run=False, tags={"sdd.step": "level", "sdd.level": str(level),
+                                               "sdd.dense_run_id": self.dense_id, "sdd.chain_run_id": self.chain_id,
+                                               "sdd.config_hash": f"{self.chash}-{level}"})
+            resume, logged = None, -1
+        else:
+            # Pruning above is deterministic, so it re-creates this level's masks and start; the
+            # checkpoint restores the retraining (weights, optimizer, batch order) where it stopped.
+            level_id = reopened.info.run_id
+            resume = tracking.load_resume_state(self.client, level_id, LEVEL_RESUME_ARTIFACT)
+            logged = max((m.step for m in self.client.get_metric_history(level_id, "test_acc")), default=-1)
+            log.info("%s: continuing level %d %s", self.chain_id[:8], level,
+                     f"at epoch {resume['epoch']}" if resume else "from its start")
+        level_logger = tracking.MetricLogger(self.client, level_id, skip_through=logged)
         every = cfg.eval_every
 
         def on_epoch(epoch: int, _loss: float) -> None:
             if every and epoch % every == 0 and epoch != self.recipe.epochs:
                 level_logger.log(evaluate_all(model, self.problem, self.init), epoch)
 
+        def snapshot(state: dict) -> None:
+            level_logger.flush()  # metrics first: a continued level skips the steps already logged
+            tracking.log_training_state(self.client, level_id, state, LEVEL_RESUME_ARTIFACT)
+
         with tracking.finishing(self.client, level_id):
             fit(model, self.problem.splits.x_train, self.problem.splits.y_train, self.recipe, masks=float_masks,
-                weights=weights, loss_fn=self.loss_fn, generator=generator, on_epoch=on_epoch)
+                weights=weights, loss_fn=self.loss_fn, generator=generator, on_epoch=on_epoch, resume=resume,
+                snapshot=snapshot, snapshot_every=cfg.resume_every)
             metrics = self._measure(model, level_start)
             metrics.update({f"pruned_{k}": after_prune[k] for k in ("train_acc", "val_acc", "test_acc")
                             if k in after_prune})
@@ -271,6 +298,7 @@ class Chain:
             level_logger.log(metrics, level)
             level_logger.flush()
             tracking.log_sparse_state(self.client, level_id, model.state_dict(), masks, "level/weights.pt")
+        tracking.delete_artifact(self.client, level_id, LEVEL_RESUME_ARTIFACT)
         logger.log({k: metrics[k] for k in LEVEL_METRICS if k in metrics}, level)
         logger.flush()
         log.info("%s level %d/%d: sparsity %.4f test_acc %.4f (pruned %.4f) noisy-fit %s (%.1fs)",

@@ -164,6 +164,7 @@ class PruneConfig:
     acc_tolerance: float = opt(0.02, "early stop: tolerated val_acc drop from the best level seen")
     eval_every: int = opt(0, "evaluate every N epochs while retraining; 0 = only at the end of a level")
     register: bool = opt(True, "register the best level as sdd-<dataset>-<model>@best-sparse", hashed=False)
+    resume_every: int = opt(600, "seconds between resumable checkpoints inside a level (0 = none)", hashed=False)
     device: str = opt("auto", "device", choices=DEVICES, hashed=False)
     force: bool = opt(False, "run again even if a finished chain with the same config exists", hashed=False)
 
@@ -183,6 +184,7 @@ class PruneConfig:
         _check(0.0 < self.entropy_drop < 1.0, f"--entropy-drop must be in (0, 1), got {self.entropy_drop}")
         _check(0.0 <= self.acc_tolerance < 1.0, f"--acc-tolerance must be in [0, 1), got {self.acc_tolerance}")
         _check(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        _check(self.resume_every >= 0, f"--resume-every must be >= 0, got {self.resume_every}")
         _check(self.start_epoch is None or self.start_epoch >= 0,
                f"--start-epoch must be >= 0, got {self.start_epoch}")
 

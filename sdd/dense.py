@@ -69,25 +69,27 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
             log.info("reusing finished run %s (config %s)", done.info.run_id, chash)
             tracking.discard_project_run(client)
             return StepResult(done.info.run_id, True, dict(done.data.metrics))
-    resume_run, resume_state = None, None
-    stale = tracking.unfinished(client, exp_id, "train", chash)
-    if stale and not cfg.force and RESUME_ARTIFACT in tracking.list_artifacts(client, stale[-1].info.run_id,
-                                                                               "checkpoints"):
-        resume_run = stale.pop().info.run_id
-        resume_state = tracking.load_training_state_artifact(client, resume_run, RESUME_ARTIFACT)
-    for run in stale:
-        tracking.mark_killed(client, run)
-
     m = cfg.model
     name = f"{cfg.data.dataset}-{m.model}-w{m.width}" + (f"-d{m.depth}" if m.depth != 1 else "") \
         + f"-n{cfg.data.noise:g}-s{cfg.optim.seed}"
     tags = {"sdd.step": "train", "sdd.config_hash": chash, **(extra_tags or {})}
     if teacher:
         tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
-    if resume_run is not None:
-        run_id = resume_run
-        tracking.reopen_run(client, run_id)
-        log.info("resuming run %s at epoch %d", run_id, resume_state["epoch"])
+    stale = tracking.unfinished(client, exp_id, "train", chash)
+    if cfg.force:
+        for run in stale:
+            tracking.mark_killed(client, run)
+        stale = []
+    # A killed or failed run of this config is continued, not duplicated: from its last resume
+    # checkpoint, or from the start inside the same run (the metrics it logged are not logged twice).
+    reopened = tracking.take_over(client, stale)
+    resume_state = None
+    if reopened is not None:
+        run_id = reopened.info.run_id
+        tracking.discard_project_run(client)
+        resume_state = tracking.load_resume_state(client, run_id, RESUME_ARTIFACT)
+        log.info("continuing run %s %s", run_id,
+                 f"at epoch {resume_state['epoch']}" if resume_state else "from the start")
     else:
         run_id = tracking.start_run(client, exp_id, name=name, tags=tags, parent_run_id=parent_run_id)
     with tracking.finishing(client, run_id):
@@ -101,11 +103,13 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
     weights = models.prunable_weights(model)
     num_params = models.count_params(model)
     init = {k: v.detach().clone() for k, v in weights.items()}
+    # A continued run re-computes steps it may already have logged before it stopped.
+    logged = max((m.step for m in client.get_metric_history(run_id, "test_acc")), default=-1)
+    logger = tracking.MetricLogger(client, run_id, skip_through=logged)
     if resume is None:
         tracking.log_params(client, run_id, {**to_flat_dict(cfg), "num_params": num_params})
         # The effective config, exactly; params may hold `mlflow run`'s spelling of the -P values.
         client.log_dict(run_id, to_flat_dict(cfg), "config.json")
-        logger = tracking.MetricLogger(client, run_id)
         logger.log({"num_params": num_params, "wrong_label_rate": problem.wrong_label_rate}, 0)
         tracking.log_state(client, run_id, {"noisy_idx": problem.noisy_idx.cpu(),
                                              "noisy_labels": problem.splits.y_train.cpu()}, "noise/noisy_idx.pt")
@@ -113,9 +117,6 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
         logger.log({**evaluate_all(model, problem, init), **nonzero_counts(model)}, 0)
         if 0 in cfg.save_epochs:
             tracking.log_state(client, run_id, model.state_dict(), "checkpoints/epoch_0.pt")
-    else:
-        logged = client.get_metric_history(run_id, "test_acc")
-        logger = tracking.MetricLogger(client, run_id, skip_through=max((m.step for m in logged), default=-1))
 
     epochs = cfg.optim.epochs
     every = cfg.effective_eval_every()
@@ -159,6 +160,7 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
     logger.flush()
     tracking.log_state(client, run_id, model.state_dict(), "checkpoints/final.pt")
     tracking.log_model(client, run_id, model)
+    tracking.delete_artifact(client, run_id, RESUME_ARTIFACT)  # up to 3x the model's size, not needed now
     log.info("%s: done in %.1fs: test_acc %.4f, train_acc_noisy %s", run_id[:8], final["train_time_s"],
              final["test_acc"], f"{final.get('train_acc_noisy', float('nan')):.4f}")
     return final

@@ -661,10 +661,11 @@ def run_trial(config: dict[str, Any]) -> None:
         try:
             result = _run_step(spec, ctx)
         except UsageError as err:  # bad input stays bad: not retried
-            outcome.update(status="FAILED", error=f"UsageError: {err}")
+            outcome.update(status="FAILED", error=f"UsageError: {err}", run_id=getattr(err, "sdd_run_id", None))
             break
-        except Exception as err:  # any other failure may be transient: retried
-            outcome.update(status="FAILED", error=f"{type(err).__name__}: {err}"[:2000])
+        except Exception as err:  # any other failure may be transient: retried (in the same run)
+            outcome.update(status="FAILED", error=f"{type(err).__name__}: {err}"[:2000],
+                           run_id=getattr(err, "sdd_run_id", None))
             logging.getLogger(__name__).warning("trial %s attempt %d failed: %s", spec["key"], attempts,
                                                 outcome["error"])
             continue

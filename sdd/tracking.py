@@ -152,8 +152,22 @@ def unfinished(client: MlflowClient, exp_id: str, step: str, config_hash: str) -
 
 def mark_killed(client: MlflowClient, run: Run) -> None:
     if run.info.status == "RUNNING":
-        client.set_tag(run.info.run_id, "sdd.error", "process died while running; marked KILLED")
+        client.log_batch(run.info.run_id, tags=[RunTag("sdd.error", "process died while running; marked KILLED"),
+                                                RunTag("sdd.failure", "killed")])
         client.set_terminated(run.info.run_id, "KILLED")
+
+
+def take_over(client: MlflowClient, stale: list[Run]) -> Run | None:
+    """Of the unfinished runs of one config (oldest first), reopen the newest; mark the others KILLED.
+
+    The reopened run is continued by this process, so a killed or failed config ends as one run.
+    """
+    if not stale:
+        return None
+    for run in stale[:-1]:
+        mark_killed(client, run)
+    reopen_run(client, stale[-1].info.run_id)
+    return stale[-1]
 
 
 def start_run(client: MlflowClient, exp_id: str, *, name: str, tags: Mapping[str, str],
@@ -304,14 +318,47 @@ def load_training_state_artifact(client: MlflowClient, run_id: str, artifact_pat
     return _read_file(client, run_id, artifact_path, checkpoints.load_training_state)
 
 
+def load_resume_state(client: MlflowClient, run_id: str, artifact_path: str) -> dict[str, Any] | None:
+    """A run's resume checkpoint, or None if it has none or a kill left it unreadable."""
+    if artifact_path not in list_artifacts(client, run_id, os.path.dirname(artifact_path)):
+        return None
+    try:
+        return load_training_state_artifact(client, run_id, artifact_path)
+    except UsageError as err:  # e.g. truncated by a kill while it was being copied into the store
+        log.warning("run %s: %s; training again from the start", run_id, err)
+        return None
+
+
 def load_json_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> Any:
     return _read_file(client, run_id, artifact_path, lambda path: json.loads(Path(path).read_text()))
 
 
 def reopen_run(client: MlflowClient, run_id: str) -> None:
-    """Continue a killed or failed run in this process (RUNNING again, owned by this pid)."""
+    """Continue a killed or failed run in this process (RUNNING again, owned by this pid).
+
+    The run counts its restarts; the reason it stopped moves from `sdd.error` to `sdd.previous_error`.
+    """
+    tags = client.get_run(run_id).data.tags
+    new = [RunTag("sdd.pid", str(os.getpid())), RunTag("sdd.host", socket.gethostname()),
+           RunTag("sdd.restarts", str(int(tags.get("sdd.restarts", "0")) + 1))]
+    if "sdd.error" in tags:
+        new.append(RunTag("sdd.previous_error", tags["sdd.error"]))
     client.update_run(run_id, status="RUNNING")
-    client.log_batch(run_id, tags=[RunTag("sdd.pid", str(os.getpid())), RunTag("sdd.host", socket.gethostname())])
+    client.log_batch(run_id, tags=new)
+    for key in ("sdd.error", "sdd.failure"):
+        if key in tags:
+            client.delete_tag(run_id, key)
+
+
+def delete_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> None:
+    """Remove an artifact that is no longer needed (a resume checkpoint of a finished run), if the
+    artifact store allows deletion; otherwise it stays, which costs space but nothing else."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        get_artifact_repository(client.get_run(run_id).info.artifact_uri).delete_artifacts(artifact_path)
+    except Exception as err:  # best effort: the artifact store decides what may be deleted
+        log.debug("could not delete %s of run %s: %s", artifact_path, run_id, err)
 
 
 def log_model(client: MlflowClient, run_id: str, model: torch.nn.Module, artifact_path: str = "model") -> str:
@@ -348,14 +395,31 @@ def get_run(client: MlflowClient, run_id: str) -> Run:
     return run
 
 
+def failure_kind(err: BaseException) -> str:
+    """A short class of failure for the `sdd.failure` tag: what a researcher filters runs by."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err) \
+            or "out of memory" in str(err).lower():
+        return "out_of_memory"
+    if type(err).__name__ == "TrainingDiverged":
+        return "diverged"
+    return "error"
+
+
 @contextlib.contextmanager
 def finishing(client: MlflowClient, run_id: str) -> Iterator[None]:
-    """FINISHED when the block completes; FAILED (KILLED on Ctrl-C) with the reason as `sdd.error` if not."""
+    """FINISHED when the block completes; if not, FAILED (KILLED on Ctrl-C) with the reason as
+    `sdd.error` and its class as `sdd.failure`. The exception carries the run id as `sdd_run_id`
+    (the outermost run's, for nested ones), so a sweep can name the run that failed."""
     try:
         yield
     except BaseException as err:
-        client.set_tag(run_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
+        client.log_batch(run_id, tags=[RunTag("sdd.error", f"{type(err).__name__}: {err}"[:5000]),
+                                       RunTag("sdd.failure", failure_kind(err))])
         terminate(client, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        with contextlib.suppress(AttributeError, TypeError):
+            err.sdd_run_id = run_id
         raise
     terminate(client, run_id)
 

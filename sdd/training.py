@@ -111,22 +111,22 @@ def fit(
     batch = recipe.optim.batch_size or len(x)
     use_autocast = device.type == "cuda" if autocast is None else autocast
     n = len(x)
-    step = start = 0
+    step = first_epoch = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        start, step = int(resume["epoch"]), int(resume["step"])
+        first_epoch, step = int(resume["epoch"]), int(resume["step"])
         if generator is not None and resume.get("generator") is not None:
             generator.set_state(resume["generator"])
     last_snapshot = time.monotonic()
     model.train()
-    for epoch in range(start, recipe.epochs):
+    for epoch in range(first_epoch, recipe.epochs):
         factor = lr_factor(recipe.schedule, epoch, recipe.epochs, milestones, recipe.optim.gamma)
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr * factor
         order = None if batch >= n else torch.randperm(n, device=device, generator=generator)
-        for start in range(0, n, batch):
-            idx = None if order is None else order[start:start + batch]
+        for i in range(0, n, batch):
+            idx = None if order is None else order[i:i + batch]
             xb = x if idx is None else x[idx]
             yb = y if idx is None else y[idx]
             if recipe.augment:

@@ -220,6 +220,7 @@ stages:
     recipe: {model: mlp, train_size: 200, test_size: 100, val_size: 50, epochs: 20, device: cpu}
     grid:
       - {dataset: [mnist1d], width: [8, 2000000000]}
+      - {dataset: [mnist1d], width: [8], optimizer: [sgd], lr: [1.0e+12]}
       - {dataset: [cifar10], data_dir: [/nonexistent], width: [8]}
   prune:
     start: {select: [at]}
@@ -229,24 +230,34 @@ stages:
 
 @pytest.mark.slow
 def test_failed_trials_are_retried_and_reported(ray_local, store, tmp_path, capsys):
-    # Weights that cannot be allocated fail (RuntimeError) on every attempt: retried, then reported. A
-    # dataset whose files are missing is bad input (UsageError): not retried. The prune stage is not run.
+    # Weights that cannot be allocated (out of memory) and a loss that becomes NaN fail on every
+    # attempt: retried in the same run, then reported. A dataset whose files are missing is bad input
+    # (UsageError): not retried. The prune stage is not run.
     path = write_study(tmp_path, FAILING)
     assert sdd_main("sweep", str(path), "--storage-path", str(tmp_path / "ray")) == 1
     runs = all_runs(store)
     (stage,) = by_step(runs, "sweep")
-    assert stage.info.status == "FAILED" and stage.data.tags["sdd.trials_failed"] == "2"
+    assert stage.info.status == "FAILED" and stage.data.tags["sdd.trials_failed"] == "3"
     assert "dataset=mnist1d,width=2000000000" in stage.data.tags["sdd.failed_trials"]
     records = {r["trial"]: r for r in trials_json(store, stage.info.run_id)}
     assert records["dataset=mnist1d,width=8"]["status"] == "FINISHED"
-    huge = records["dataset=mnist1d,width=2000000000"]
-    assert huge["status"] == "FAILED" and huge["attempts"] == 2 and "allocate" in huge["error"]
-    assert huge["run_id"] is None
+    dense = {r.info.run_id: r for r in by_step(runs, "train")}
+    for key, kind, reason in (("dataset=mnist1d,width=2000000000", "out_of_memory", "allocate"),
+                              ("dataset=mnist1d,width=8,optimizer=sgd,lr=1e+12", "diverged",
+                               "TrainingDiverged: loss became")):
+        record = records[key]
+        assert record["status"] == "FAILED" and record["attempts"] == 2 and reason in record["error"], record
+        run = dense[record["run_id"]]  # one run per trial: the retry continued the failed run
+        assert run.info.status == "FAILED" and run.data.tags["sdd.failure"] == kind
+        assert reason in run.data.tags["sdd.error"] and reason in run.data.tags["sdd.previous_error"]
+        assert run.data.tags["sdd.restarts"] == "1"
+    assert len(dense) == 3
     bad = records["dataset=cifar10,data_dir=/nonexistent,width=8"]
     assert bad["status"] == "FAILED" and bad["attempts"] == 1 and bad["error"].startswith("UsageError")
+    assert bad["run_id"] is None  # bad input fails before any run exists
     assert by_step(runs, "study")[0].info.status == "FAILED"
     assert by_step(runs, "prune") == []
-    assert "dense: 1/3 trials finished, 2 failed" in capsys.readouterr().out
+    assert "dense: 1/4 trials finished, 3 failed" in capsys.readouterr().out
 
 
 def free_port() -> int:
