@@ -295,7 +295,7 @@ class Chain:
             metrics.update({f"pruned_{k}": after_prune[k] for k in ("train_acc", "val_acc", "test_acc")
                             if k in after_prune})
             metrics["level_time_s"] = time.monotonic() - t0
-            level_logger.log(metrics, level)
+            level_logger.log(metrics, self.recipe.epochs)  # a level run's x axis is its retraining epoch
             level_logger.flush()
             tracking.log_sparse_state(self.client, level_id, model.state_dict(), masks, "level/weights.pt")
         tracking.delete_artifact(self.client, level_id, LEVEL_RESUME_ARTIFACT)

@@ -120,41 +120,54 @@ def test_registry_alias_round_trip(env):
     assert result.metrics["best_test_acc"] == pytest.approx(float(version.tags["test_acc"]))
 
 
-def test_resume_after_kill_continues_without_duplicates(env):
-    args = [sys.executable, "-m", "sdd", "prune", "--parent", env["run_id"], "--levels", "4", "--epochs", "400",
-            "--register", "false", "--seed", "7"]
-    proc = subprocess.Popen(args, cwd=env["folder"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_kill_inside_a_level_is_continued_in_that_level_run(env):
+    # Killed while retraining level 2 or later, after a resume checkpoint of that level was written:
+    # the run again continues the chain and that level's own run from the checkpoint.
+    opts = ["--levels", "3", "--epochs", "1500", "--eval-every", "100", "--resume-every", "1", "--register", "false",
+            "--seed", "7"]
+    proc = subprocess.Popen([sys.executable, "-m", "sdd", "prune", "--parent", env["run_id"], *opts],
+                            cwd=env["folder"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = tracking.get_client()
+    exp_id = tracking.get_run(client, env["run_id"]).info.experiment_id
     deadline = time.time() + 240
-    chain_id = None
+    interrupted = None
     try:
-        while time.time() < deadline:
-            runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                      "tags.`sdd.step` = 'level' and attributes.status = 'FINISHED'")
-            mine = [r for r in runs if client.get_run(r.data.tags["sdd.chain_run_id"]).data.params.get("seed") == "7"]
-            if len(mine) >= 2:
-                chain_id = mine[0].data.tags["sdd.chain_run_id"]
-                break
-            time.sleep(0.2)
+        while time.time() < deadline and interrupted is None and proc.poll() is None:
+            for run in tracking.search(client, exp_id, tags={"sdd.step": "level"}, status="RUNNING"):
+                chain = client.get_run(run.data.tags["sdd.chain_run_id"])
+                if chain.data.params.get("seed") == "7" and run.data.tags["sdd.level"] != "1" and \
+                        "level/resume.pt" in tracking.list_artifacts(client, run.info.run_id, "level"):
+                    interrupted = run
+            time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert chain_id is not None, "chain did not reach level 2 in time"
+    assert interrupted is not None, "no level past the first wrote a resume checkpoint in time"
+    chain_id = interrupted.data.tags["sdd.chain_run_id"]
     assert client.get_run(chain_id).info.status == "RUNNING"  # left behind by the kill
-    resumed = run_prune(PruneConfig(parent=env["run_id"], levels=4, epochs=400, register=False, seed=7))
-    assert resumed.run_id == chain_id and not resumed.reused
-    assert client.get_run(chain_id).info.status == "FINISHED"
+    assert main(["prune", "--parent", env["run_id"], *opts]) == 0
+    chain = client.get_run(chain_id)
+    assert chain.info.status == "FINISHED"
     levels = _levels(client, chain_id)
-    assert [r.data.tags["sdd.level"] for r in levels] == ["1", "2", "3", "4"]
+    assert [r.data.tags["sdd.level"] for r in levels] == ["1", "2", "3"]
     assert all(r.info.status == "FINISHED" for r in levels)
-    history = client.get_metric_history(chain_id, "test_acc")
-    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
-    # The resumed chain equals an uninterrupted one with the same seeds, bit for bit on CPU.
-    fresh = run_prune(PruneConfig(parent=env["run_id"], levels=4, epochs=400, register=False, seed=7, force=True))
-    for key in ("test_acc", "train_loss", "sparsity"):
-        a = sorted((m.step, m.value) for m in client.get_metric_history(chain_id, key))
-        b = sorted((m.step, m.value) for m in client.get_metric_history(fresh.run_id, key))
-        assert a == b, key
+    again = next(r for r in levels if r.info.run_id == interrupted.info.run_id)  # the same run, continued
+    assert again.data.tags["sdd.restarts"] == "1" and "sdd.error" not in again.data.tags
+    assert all(tracking.list_artifacts(client, r.info.run_id, "level") == ["level/weights.pt"] for r in levels)
+    for run in levels:  # every evaluation of every level once: none lost, none twice
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == \
+            list(range(100, 1501, 100))
+    assert sorted(m.step for m in client.get_metric_history(chain_id, "test_acc")) == [0, 1, 2, 3]
+    # The continued chain equals an uninterrupted one with the same seeds, bit for bit on CPU.
+    fresh = run_prune(PruneConfig(parent=env["run_id"], levels=3, epochs=1500, eval_every=100, register=False,
+                                  seed=7, force=True))
+    for a, b in zip(levels, _levels(client, fresh.run_id)):
+        for key in ("test_acc", "train_loss", "val_acc", "learning_distance"):
+            assert sorted((m.step, m.value) for m in client.get_metric_history(a.info.run_id, key)) == \
+                sorted((m.step, m.value) for m in client.get_metric_history(b.info.run_id, key)), key
+    for key in ("test_acc", "sparsity", "entropy"):
+        assert sorted((m.step, m.value) for m in client.get_metric_history(chain_id, key)) == \
+            sorted((m.step, m.value) for m in client.get_metric_history(fresh.run_id, key)), key
 
 
 def _count_runs(client):
