@@ -84,3 +84,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env.pop("MLFLOW_RUN_ID", None)
     return subprocess.run([sys.executable, "-m", "sdd", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# The longest test files (seconds under `make test`), started first so that the two xdist workers
+# (one file at a time each) finish together instead of one waiting on a long file started last.
+LONGEST_FIRST = ("test_kill_resume.py", "test_study.py", "test_cluster.py", "test_sweep.py", "test_mlproject.py",
+                 "test_prune_step.py", "test_concurrency.py", "test_bench.py", "test_train_step.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -14,43 +14,39 @@ from sdd import registry, tracking
 pytestmark = pytest.mark.slow
 
 WRITERS = 8
-STEPS = 60
+STEPS = 30
 KEYS = ("train_acc", "test_acc", "entropy")
 
 
-def _writer(uri: str, index: int, start, errors) -> None:
-    try:
-        client = tracking.get_client(uri)
-        start.wait()  # all writers race from here: experiment creation, runs, metrics, registry
-        exp_id = tracking.experiment_id(client, "race")
-        run_id = tracking.start_run(client, exp_id, name=f"writer-{index}", tags={"sdd.step": "train"},
-                                    adopt_project_run=False)
-        logger = tracking.MetricLogger(client, run_id, interval=0.0)  # flush on every call: most contention
-        for step in range(STEPS):
-            logger.log({k: index + step / 1000 for k in KEYS}, step)
-        logger.flush()
-        tracking.terminate(client, run_id)
-        registry._ensure_registered_model(client, "sdd-race-mlp")
-        client.create_model_version("sdd-race-mlp", f"runs:/{run_id}/model", run_id=run_id)
-    except BaseException as err:  # reported to the parent: a child's traceback alone would be lost
-        errors.put(f"writer {index}: {type(err).__name__}: {err}")
+def _race(uri: str, index: int, barrier) -> None:
+    client = tracking.get_client(uri)
+    barrier.wait()  # all writers race from here: experiment creation, runs, metrics, registry
+    exp_id = tracking.experiment_id(client, "race")
+    run_id = tracking.start_run(client, exp_id, name=f"writer-{index}", tags={"sdd.step": "train"},
+                                adopt_project_run=False)
+    logger = tracking.MetricLogger(client, run_id, interval=0.0)  # flush on every call: most contention
+    for step in range(STEPS):
+        logger.log({k: index + step / 1000 for k in KEYS}, step)
+    logger.flush()
+    tracking.terminate(client, run_id)
+    registry._ensure_registered_model(client, "sdd-race-mlp")
+    client.create_model_version("sdd-race-mlp", f"runs:/{run_id}/model", run_id=run_id)
 
 
-def _hammer(uri: str) -> None:
-    ctx = mp.get_context("spawn")
-    start, errors = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(uri, i, start, errors)) for i in range(WRITERS)]
-    for p in procs:
-        p.start()
-    time.sleep(8)  # let every child import mlflow before the race starts
-    start.set()
-    for p in procs:
-        p.join(300)
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    assert not failures, failures
-    assert all(p.exitcode == 0 for p in procs)
+def _writer(uris: list[str], index: int, barrier, server_up, errors) -> None:
+    """One writer process: races the others into each store in turn (imports are paid once)."""
+    for uri in uris:
+        try:
+            if uri.startswith("http") and not server_up.wait(120):
+                raise TimeoutError("the tracking server did not come up")
+            _race(uri, index, barrier)
+        except BaseException as err:  # reported to the parent: a child's traceback alone would be lost
+            errors.put(f"writer {index} into {uri}: {type(err).__name__}: {err}")
+            barrier.abort()  # the others must not wait at the next store's start for this one
+            return
+
+
+def _check(uri: str) -> None:
     client = tracking.get_client(uri)
     exps = [e for e in client.search_experiments() if e.name == "race"]
     assert len(exps) == 1
@@ -66,33 +62,47 @@ def _hammer(uri: str) -> None:
     assert len(client.search_model_versions("name = 'sdd-race-mlp'")) == WRITERS
 
 
-def test_concurrent_writers_into_sqlite(tmp_path):
-    _hammer(f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_concurrent_writers_into_a_tracking_server(tmp_path):
+def test_concurrent_writers_into_sqlite_and_into_a_tracking_server(tmp_path):
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        # The writers import while the server starts; they race into sqlite first, the server second.
+        uris = [f"sqlite:///{tmp_path / 'mlflow.db'}", f"http://127.0.0.1:{port}"]
+        # Fresh processes forked from one server that has imported torch and mlflow once (5 s each).
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["tests.test_concurrency"])
+        barrier, server_up, errors = ctx.Barrier(WRITERS), ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_writer, args=(uris, i, barrier, server_up, errors)) for i in range(WRITERS)]
+        for p in procs:
+            p.start()
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                server_up.set()
                 break
             except OSError:
                 time.sleep(0.5)
         else:
             pytest.fail("mlflow server did not start")
-        _hammer(f"http://127.0.0.1:{port}")
+        for p in procs:
+            p.join(300)
+        failures = []
+        while not errors.empty():
+            failures.append(errors.get())
+        assert not failures, failures
+        assert all(p.exitcode == 0 for p in procs)
+        for uri in uris:
+            _check(uri)
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)

@@ -30,11 +30,11 @@ max_concurrent: 1
 stages:
   dense:
     recipe: {dataset: mnist1d, model: mlp, train_size: 300, test_size: 100, val_size: 50, noise: 0.2,
-             epochs: 3000, lr: 0.01, eval_every: 250, resume_every: 1, device: cpu}
+             epochs: 2000, lr: 0.01, eval_every: 250, resume_every: 1, device: cpu}
     grid: {width: [16, 64], seed: [0]}
   prune:
     start: [{width: 64, seed: 0}]
-    recipe: {levels: 3, epochs: 2500, eval_every: 250, resume_every: 1, register: false, device: cpu}
+    recipe: {levels: 3, epochs: 1500, eval_every: 250, resume_every: 1, register: false, device: cpu}
 """
 
 # Metrics that measure time, not results: they differ between any two runs.
@@ -198,10 +198,10 @@ def test_study_killed_at_every_point_equals_an_uninterrupted_one(tmp_path, empty
     # Metrics complete and in order: every evaluation once, every level once.
     for run in by_step(runs, "train"):
         assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "test_acc"),
-                                       key=lambda m: m.step)] == list(range(0, 3001, 250))
+                                       key=lambda m: m.step)] == list(range(0, 2001, 250))
     for run in levels:
         assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "val_acc"),
-                                       key=lambda m: m.step)] == list(range(250, 2501, 250))
+                                       key=lambda m: m.step)] == list(range(250, 1501, 250))
     assert sorted(m.step for m in client.get_metric_history(chain.info.run_id, "test_acc")) == [0, 1, 2, 3]
     # Resume checkpoints are removed once their run has finished.
     assert not any("resume.pt" in a for r in by_step(runs, "train") for a in artifacts(client, r, "checkpoints"))
