@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -65,28 +66,34 @@ def config_from_args(cls: type, args: argparse.Namespace, skip: Sequence[str] = 
 
 # --- commands ---------------------------------------------------------------------------------------
 
+# Each command checks its config before importing the step (torch, mlflow: seconds), so bad input
+# is answered at once.
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(C.TrainConfig, args, skip=("experiment",))
+    cfg.validate()
     from sdd.dense import run_train
 
-    cfg = config_from_args(C.TrainConfig, args, skip=("experiment",))
     result = run_train(cfg, experiment=args.experiment)
     _report(result.run_id, result.reused, result.metrics)
     return 0
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    cfg = config_from_args(C.PruneConfig, args)
+    cfg.validate()
     from sdd.chain import run_prune
 
-    result = run_prune(config_from_args(C.PruneConfig, args))
+    result = run_prune(cfg)
     _report(result.run_id, result.reused, result.metrics)
     return 0
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from sdd.chain import run_prune
-
     cfg = config_from_args(C.DistillChainConfig, args)
     cfg.validate()
+    from sdd.chain import run_prune
+
     result = run_prune(cfg.prune, cfg.distill)
     _report(result.run_id, result.reused, result.metrics)
     return 0
@@ -146,9 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except UsageError as err:
         print(f"sdd: error: {err}", file=sys.stderr)
-        from sdd.tracking import discard_project_run
+        if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run must not stay behind, empty
+            from sdd.tracking import discard_project_run
 
-        discard_project_run()
+            discard_project_run()
         return 2
     except KeyboardInterrupt:
         print("sdd: interrupted", file=sys.stderr)
