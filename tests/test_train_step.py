@@ -143,3 +143,27 @@ def test_killed_training_resumes_from_its_last_checkpoint(store, tmp_path):
         a = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
         b = sorted((m.step, m.value) for m in client.get_metric_history(fresh.info.run_id, key))
         assert a == b, key
+
+
+def test_run_killed_with_a_damaged_resume_checkpoint_is_trained_again_in_place(store, caplog):
+    # A kill while MLflow copies the resume checkpoint into the store leaves a truncated file; the
+    # next run of the config continues the same run from the start instead of failing on it.
+    from pathlib import Path
+
+    cfg = tiny_train(epochs=30, eval_every=5)
+    reference = run_train(cfg, experiment="uninterrupted")
+    killed = run_train(cfg, experiment="killed")
+    client = tracking.get_client()
+    client.set_terminated(killed.run_id, "KILLED")
+    damaged = Path(client.get_run(killed.run_id).info.artifact_uri) / "checkpoints" / "resume.pt"
+    damaged.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    again = run_train(cfg, experiment="killed")
+    assert again.run_id == killed.run_id and not again.reused
+    run = client.get_run(killed.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["sdd.restarts"] == "1"
+    assert "training again from the start" in caplog.text and "resume.pt" in caplog.text
+    assert "checkpoints/resume.pt" not in tracking.list_artifacts(client, killed.run_id, "checkpoints")
+    for key in ("test_acc", "train_loss"):
+        a = [(m.step, m.value) for m in client.get_metric_history(killed.run_id, key)]
+        b = [(m.step, m.value) for m in client.get_metric_history(reference.run_id, key)]
+        assert sorted(a) == sorted(b), key  # every step once, the same values
