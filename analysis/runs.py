@@ -164,7 +164,7 @@ def load_study(client: MlflowClient, study_run: Run) -> Study:
     dense = _dense_table(dense_runs, study_id, reused)
     chains = _chain_table(client, chain_runs, dense, study_id, reused)
     levels = _level_table(client, chain_runs)
-    missing = _missing_table(trials, runs)
+    missing = _missing_table(trials, runs, stages)
     level_runs = sum(_count_level_runs(client, r) for r in chain_runs)
     log.info("study %s: %d dense runs, %d chains (%d levels), %d missing", study_id[:8], len(dense), len(chains),
              len(levels), len(missing))
@@ -326,8 +326,11 @@ def _level_table(client: MlflowClient, runs: Iterable[Run]) -> pd.DataFrame:
     return frame
 
 
-def _missing_table(trials: list[Trial], runs: Mapping[str, Run]) -> pd.DataFrame:
-    rows = []
+def _missing_table(trials: list[Trial], runs: Mapping[str, Run], stages: list[Run]) -> pd.DataFrame:
+    rows = [{"stage": stage.data.tags.get("sdd.stage", ""), "trial": "(the whole stage)", "step": "sweep",
+             "status": "NOT RUN", "run_id": stage.info.run_id, "attempts": 0,
+             "error": _one_line(stage.data.tags["sdd.not_run"]), "config": {}}
+            for stage in stages if "sdd.not_run" in stage.data.tags]
     seen: set[str] = set()
     for trial in trials:
         run = runs.get(trial.run_id) if trial.run_id else None

@@ -85,6 +85,7 @@ class StageOutcome:
     run_id: str
     records: list[dict[str, Any]]
     seconds: float
+    not_run: str | None = None  # why a chain stage could not be planned (e.g. its dense runs failed)
 
     @property
     def failed(self) -> int:
@@ -97,11 +98,11 @@ class SweepOutcome:
     study_run_id: str
     stages: list[StageOutcome]
     tracking_uri: str
-    planned: list[str]  # the stages asked for; a failed dense stage stops the ones after it
+    planned: list[str]  # the stages asked for
 
     @property
     def complete(self) -> bool:
-        return len(self.stages) == len(self.planned) and not any(s.failed for s in self.stages)
+        return len(self.stages) == len(self.planned) and not any(s.failed or s.not_run for s in self.stages)
 
 
 @dataclass
@@ -828,6 +829,9 @@ def run_stage(store: Store, study: StudyFile, study_run_id: str, plan: Plan, cov
 
     client, stage = store.client, plan.stage
     stage_run_id = open_stage_run(store, study, study_run_id, stage, project)
+    if "sdd.not_run" in client.get_run(stage_run_id).data.tags:  # it could not be planned last time; now it can
+        client.delete_tag(stage_run_id, "sdd.not_run")
+        client.delete_tag(stage_run_id, "sdd.error")
     for note in plan.notes:
         log.info("%s stage: %s", stage, note)
     if plan.tags:
@@ -870,6 +874,22 @@ def run_stage(store: Store, study: StudyFile, study_run_id: str, plan: Plan, cov
     return outcome
 
 
+def skip_stage(store: Store, study: StudyFile, study_run_id: str, stage: str, reason: str,
+               project: _ProjectRun) -> StageOutcome:
+    """Record a chain stage that could not be planned: its stage run, FAILED, says why."""
+    from mlflow.entities import RunTag
+
+    from sdd import tracking
+
+    stage_run_id = open_stage_run(store, study, study_run_id, stage, project)
+    store.client.log_text(stage_run_id, "[]", TRIALS_ARTIFACT)
+    store.client.log_batch(stage_run_id, tags=[RunTag("sdd.not_run", reason[:5000]),
+                                               RunTag("sdd.error", f"UsageError: {reason}"[:5000])])
+    tracking.terminate(store.client, stage_run_id, "FAILED")
+    log.error("%s stage not run: %s", stage, reason)
+    return StageOutcome(stage, stage_run_id, [], 0.0, not_run=reason)
+
+
 def run_sweep(path: str | Path, *, stage: str | None = None, address: str | None = None,
               storage_path: str | None = None) -> SweepOutcome:
     """Run a study file's stages (or one of them) under its study run; see the module docstring."""
@@ -896,13 +916,18 @@ def run_sweep(path: str | Path, *, stage: str | None = None, address: str | None
         try:
             for i, name in enumerate(stages):
                 if i:
-                    plan = plan_stage(store, study, name, study_run_id)
+                    # A chain stage starts from the dense runs that finished; one that cannot (say, its
+                    # starting width failed) is recorded as not run, and the study goes on.
+                    try:
+                        plan = plan_stage(store, study, name, study_run_id)
+                    except UsageError as err:
+                        outcomes.append(skip_stage(store, study, study_run_id, name, str(err), project))
+                        continue
                     covered = covered_trials(store, plan)
                 outcomes.append(run_stage(store, study, study_run_id, plan, covered, project, need_ray))
                 if name == "dense" and outcomes[-1].failed and len(stages) > 1:
-                    log.error("dense stage: %d trial(s) failed; the chain stages start from dense runs and were "
-                              "not run", outcomes[-1].failed)
-                    break
+                    log.warning("dense stage: %d trial(s) failed; the chain stages start from the dense runs "
+                                "that finished", outcomes[-1].failed)
         except BaseException as err:
             store.client.set_tag(study_run_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
             tracking.terminate(store.client, study_run_id, "KILLED" if isinstance(err, KeyboardInterrupt)
@@ -1024,6 +1049,9 @@ def command(args: argparse.Namespace) -> int:
 
 def print_outcome(outcome: SweepOutcome) -> None:
     for stage in outcome.stages:
+        if stage.not_run:
+            print(f"{stage.stage}: not run: {stage.not_run} (stage run {stage.run_id})")
+            continue
         finished = sum(r["status"] == "FINISHED" for r in stage.records)
         print(f"{stage.stage}: {finished}/{len(stage.records)} trials finished, {stage.failed} failed "
               f"({stage.seconds:.0f}s), stage run {stage.run_id}")
