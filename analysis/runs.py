@@ -365,7 +365,8 @@ def _count_level_runs(client: MlflowClient, chain: Run) -> int:
     count, token = 0, None
     while True:
         page = client.search_runs([chain.info.experiment_id],
-                                  f"tags.`{PARENT_TAG}` = '{chain.info.run_id}' and tags.`sdd.step` = 'level'",
+                                  f"tags.`{PARENT_TAG}` = '{chain.info.run_id}' and tags.`sdd.step` = 'level' "
+                                  "and attributes.status = 'FINISHED'",
                                   max_results=1000, page_token=token)
         count += len(page)
         token = page.token

@@ -2,7 +2,8 @@
 
 A chain run is nested under its dense parent; every level is a run nested under the chain holding
 that level's weights and mask. The chain logs one point per level (step = level), so its chart in
-the MLflow UI is its sparse-double-descent curve. A chain resumes after its last finished level.
+the MLflow UI is its sparse-double-descent curve. A killed chain continues after its last finished
+level, and inside the interrupted level from that level's resume checkpoint.
 """
 
 from __future__ import annotations
@@ -105,22 +106,19 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
             log.info("reusing finished chain %s (config %s)", done.info.run_id, chash)
             tracking.discard_project_run(client)
             return StepResult(done.info.run_id, True, dict(done.data.metrics))
-    resumable = tracking.unfinished(client, exp_id, step, chash)
-    if resumable:
-        chain_id = resumable[-1].info.run_id
-        for stale in resumable[:-1]:
-            tracking.mark_killed(client, stale)
+    m = parent.config.model
+    name = f"{step} {cfg.criterion}/{cfg.retrain} w{m.width} " + \
+        (f"e{cfg.start_epoch}" if cfg.start_epoch is not None else "final")
+    tags = {"sdd.step": step, "sdd.config_hash": chash, "sdd.dense_run_id": parent.run.info.run_id,
+            **(extra_tags or {})}
+    if teacher:
+        tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
+    reopened = tracking.take_over(client, tracking.unfinished(client, exp_id, step, chash), tags)
+    if reopened is not None:
+        chain_id = reopened.info.run_id
         tracking.discard_project_run(client)
-        tracking.reopen_run(client, chain_id)
         log.info("resuming chain %s", chain_id)
     else:
-        m = parent.config.model
-        name = f"{step} {cfg.criterion}/{cfg.retrain} w{m.width} " + \
-            (f"e{cfg.start_epoch}" if cfg.start_epoch is not None else "final")
-        tags = {"sdd.step": step, "sdd.config_hash": chash, "sdd.dense_run_id": parent.run.info.run_id,
-                **(extra_tags or {})}
-        if teacher:
-            tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
         chain_id = tracking.start_run(client, exp_id, name=name, tags=tags, parent_run_id=parent.run.info.run_id)
         params = {**to_flat_dict(cfg), **(to_flat_dict(distill) if distill else {}),
                   "dense_model": m.model, "dense_width": m.width, "dense_depth": m.depth,
@@ -225,11 +223,13 @@ class Chain:
         started = time.monotonic()
         level = resumed + 1
         while stop is None and level <= self.levels:
-            reopened = tracking.take_over(self.client, interrupted) if level == resumed + 1 else None
-            metrics, masks = self._level(level, masks, logger, reopened)
+            metrics, masks = self._level(level, masks, logger, interrupted if level == resumed + 1 else [])
             history.append(metrics)
             stop = self._early_stop(history)
             level += 1
+        if level == resumed + 1:  # stopped early before the interrupted level: it is not continued
+            for run in interrupted:
+                tracking.mark_killed(self.client, run)
         epochs_spent = (len(history) - 1) * self.recipe.epochs
         logger.flush()
         summary = self._summarise(history, stop, epochs_spent, time.monotonic() - started)
@@ -244,7 +244,7 @@ class Chain:
 
     # --- one level -------------------------------------------------------------------------------
 
-    def _level(self, level: int, masks, logger: tracking.MetricLogger, reopened: Run | None = None):
+    def _level(self, level: int, masks, logger: tracking.MetricLogger, interrupted: list[Run]):
         cfg, model, weights = self.cfg, self.model, self.weights
         t0 = time.monotonic()
         generator = torch.Generator(device=self.problem.device).manual_seed(cfg.seed * 100_003 + level)
@@ -261,21 +261,18 @@ class Chain:
         pruning.apply_masks(weights, float_masks)
         level_start = {k: v.detach().clone() for k, v in weights.items()}
 
+        level_tags = {"sdd.step": "level", "sdd.level": str(level), "sdd.dense_run_id": self.dense_id,
+                      "sdd.chain_run_id": self.chain_id, "sdd.config_hash": f"{self.chash}-{level}"}
+        # Pruning above is deterministic, so it re-creates an interrupted level's masks and start; its
+        # run is continued, and its checkpoint (read below) restores the retraining where it stopped.
+        reopened = tracking.take_over(self.client, interrupted)
         if reopened is None:
-            level_id = tracking.start_run(
-                self.client, self.exp_id, name=f"level {level}", parent_run_id=self.chain_id,
-                adopt_project_run=False, tags={"sdd.step": "level", "sdd.level": str(level),
-                                               "sdd.dense_run_id": self.dense_id, "sdd.chain_run_id": self.chain_id,
-                                               "sdd.config_hash": f"{self.chash}-{level}"})
-            resume, logged = None, -1
+            level_id = tracking.start_run(self.client, self.exp_id, name=f"level {level}",
+                                          parent_run_id=self.chain_id, adopt_project_run=False, tags=level_tags)
+            logged = -1
         else:
-            # Pruning above is deterministic, so it re-creates this level's masks and start; the
-            # checkpoint restores the retraining (weights, optimizer, batch order) where it stopped.
             level_id = reopened.info.run_id
-            resume = tracking.load_resume_state(self.client, level_id, LEVEL_RESUME_ARTIFACT)
             logged = max((m.step for m in self.client.get_metric_history(level_id, "test_acc")), default=-1)
-            log.info("%s: continuing level %d %s", self.chain_id[:8], level,
-                     f"at epoch {resume['epoch']}" if resume else "from its start")
         level_logger = tracking.MetricLogger(self.client, level_id, skip_through=logged)
         every = cfg.eval_every
 
@@ -288,6 +285,10 @@ class Chain:
             tracking.log_training_state(self.client, level_id, state, LEVEL_RESUME_ARTIFACT)
 
         with tracking.finishing(self.client, level_id):
+            resume = tracking.load_resume_state(self.client, level_id, LEVEL_RESUME_ARTIFACT) if reopened else None
+            if reopened is not None:
+                log.info("%s: continuing level %d %s", self.chain_id[:8], level,
+                         f"at epoch {resume['epoch']}" if resume else "from its start")
             fit(model, self.problem.splits.x_train, self.problem.splits.y_train, self.recipe, masks=float_masks,
                 weights=weights, loss_fn=self.loss_fn, generator=generator, on_epoch=on_epoch, resume=resume,
                 snapshot=snapshot, snapshot_every=cfg.resume_every)

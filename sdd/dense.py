@@ -82,18 +82,20 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
         stale = []
     # A killed or failed run of this config is continued, not duplicated: from its last resume
     # checkpoint, or from the start inside the same run (the metrics it logged are not logged twice).
-    reopened = tracking.take_over(client, stale)
-    resume_state = None
+    parent_tag = {tracking.PARENT_TAG: parent_run_id} if parent_run_id else {}
+    reopened = tracking.take_over(client, stale, {**tags, **parent_tag})
     if reopened is not None:
         run_id = reopened.info.run_id
         tracking.discard_project_run(client)
-        resume_state = tracking.load_resume_state(client, run_id, RESUME_ARTIFACT)
-        log.info("continuing run %s %s", run_id,
-                 f"at epoch {resume_state['epoch']}" if resume_state else "from the start")
     else:
         run_id = tracking.start_run(client, exp_id, name=name, tags=tags, parent_run_id=parent_run_id)
     with tracking.finishing(client, run_id):
+        resume_state = tracking.load_resume_state(client, run_id, RESUME_ARTIFACT) if reopened else None
+        if reopened is not None:
+            log.info("continuing run %s %s", run_id,
+                     f"at epoch {resume_state['epoch']}" if resume_state else "from the start")
         metrics = _train(cfg, client, run_id, problem, teacher, resume_state)
+    tracking.delete_artifact(client, run_id, RESUME_ARTIFACT)  # up to 3x the model's size, not needed now
     return StepResult(run_id, False, metrics)
 
 
@@ -160,7 +162,6 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
     logger.flush()
     tracking.log_state(client, run_id, model.state_dict(), "checkpoints/final.pt")
     tracking.log_model(client, run_id, model)
-    tracking.delete_artifact(client, run_id, RESUME_ARTIFACT)  # up to 3x the model's size, not needed now
     log.info("%s: done in %.1fs: test_acc %.4f, train_acc_noisy %s", run_id[:8], final["train_time_s"],
              final["test_acc"], f"{final.get('train_acc_noisy', float('nan')):.4f}")
     return final

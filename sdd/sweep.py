@@ -367,6 +367,13 @@ def dense_results(store: Store, study: StudyFile, study_run_id: str | None, stag
     finished = [r for r in records if r["status"] == "FINISHED" and r["run_id"]]
     if not finished:
         raise UsageError(f"{stage} stage: the dense stage of study {study.name} has no finished runs")
+    failed = [r["trial"] for r in records if r not in finished]
+    if failed and isinstance(study.stages[stage].start, AutoStart):
+        # Without them the threshold would be placed on a width sweep with holes, possibly on the
+        # wrong width, and the chains started from the wrong checkpoints.
+        raise UsageError(f"{stage} stage: {len(failed)} dense trial(s) did not finish ({'; '.join(failed)}), so "
+                         "the interpolation threshold cannot be placed; run the dense stage again, or name "
+                         "starting checkpoints explicitly")
     out = []
     for record in finished:
         run = tracking.get_run(store.client, record["run_id"])

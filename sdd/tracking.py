@@ -151,22 +151,30 @@ def unfinished(client: MlflowClient, exp_id: str, step: str, config_hash: str) -
 
 
 def mark_killed(client: MlflowClient, run: Run) -> None:
-    if run.info.status == "RUNNING":
+    """Mark a run KILLED if it is still RUNNING and no live process on this host holds it."""
+    run = client.get_run(run.info.run_id)  # the caller's copy may be out of date
+    held = run.data.tags.get("sdd.host") == socket.gethostname() and int(run.data.tags.get("sdd.pid", "0") or 0) \
+        not in (0, os.getpid()) and _pid_alive(int(run.data.tags["sdd.pid"]))
+    if run.info.status == "RUNNING" and not held:
         client.log_batch(run.info.run_id, tags=[RunTag("sdd.error", "process died while running; marked KILLED"),
                                                 RunTag("sdd.failure", "killed")])
         client.set_terminated(run.info.run_id, "KILLED")
 
 
-def take_over(client: MlflowClient, stale: list[Run]) -> Run | None:
+def take_over(client: MlflowClient, stale: list[Run], tags: Mapping[str, str] | None = None) -> Run | None:
     """Of the unfinished runs of one config (oldest first), reopen the newest; mark the others KILLED.
 
-    The reopened run is continued by this process, so a killed or failed config ends as one run.
+    The reopened run is continued by this process, so a killed or failed config ends as one run;
+    `tags` (e.g. the study and stage now running it) are written onto it again.
     """
     if not stale:
         return None
-    for run in stale[:-1]:
+    for run in stale:  # a run left RUNNING by a dead process is marked KILLED first, so its record says so
         mark_killed(client, run)
-    reopen_run(client, stale[-1].info.run_id)
+    run_id = stale[-1].info.run_id
+    reopen_run(client, run_id)
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     return stale[-1]
 
 
@@ -338,7 +346,12 @@ def reopen_run(client: MlflowClient, run_id: str) -> None:
 
     The run counts its restarts; the reason it stopped moves from `sdd.error` to `sdd.previous_error`.
     """
-    tags = client.get_run(run_id).data.tags
+    run = client.get_run(run_id)
+    # Another process may have finished or taken over the run since it was found.
+    if run.info.status == "FINISHED" or (run.info.status == "RUNNING" and not is_orphan(run)):
+        raise RuntimeError(f"run {run_id} is {run.info.status} and held by process {run.data.tags.get('sdd.pid')} "
+                           f"on {run.data.tags.get('sdd.host')}; not taking it over")
+    tags = run.data.tags
     new = [RunTag("sdd.pid", str(os.getpid())), RunTag("sdd.host", socket.gethostname()),
            RunTag("sdd.restarts", str(int(tags.get("sdd.restarts", "0")) + 1))]
     if "sdd.error" in tags:
@@ -356,9 +369,10 @@ def delete_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> No
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     try:
-        get_artifact_repository(client.get_run(run_id).info.artifact_uri).delete_artifacts(artifact_path)
+        repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
+        repo.delete_artifacts(artifact_path)
     except Exception as err:  # best effort: the artifact store decides what may be deleted
-        log.debug("could not delete %s of run %s: %s", artifact_path, run_id, err)
+        log.warning("could not delete %s of run %s (%s); it is no longer needed", artifact_path, run_id, err)
 
 
 def log_model(client: MlflowClient, run_id: str, model: torch.nn.Module, artifact_path: str = "model") -> str:

@@ -117,7 +117,11 @@ def fit(
         optimizer.load_state_dict(resume["optimizer"])
         first_epoch, step = int(resume["epoch"]), int(resume["step"])
         if generator is not None and resume.get("generator") is not None:
-            generator.set_state(resume["generator"])
+            try:
+                generator.set_state(resume["generator"])
+            except RuntimeError:  # saved on another device type: the batch order cannot be continued exactly
+                log.warning("resume checkpoint from another device: batch order and augmentation continue "
+                            "from a fresh random state")
     last_snapshot = time.monotonic()
     model.train()
     for epoch in range(first_epoch, recipe.epochs):
