@@ -107,44 +107,6 @@ def test_diverging_training_fails_the_run_with_the_reason(store, capsys):
     assert run.data.tags["sdd.error"].startswith("TrainingDiverged: loss became")
 
 
-def test_killed_training_resumes_from_its_last_checkpoint(store, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    args = ["train", "--train-size", "300", "--test-size", "100", "--val-size", "50", "--width", "32",
-            "--epochs", "1500", "--eval-every", "50", "--optimizer", "sgd", "--lr", "0.05", "--resume-every", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "sdd", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    client = tracking.get_client()
-    try:
-        deadline = time.time() + 240
-        run = None
-        while time.time() < deadline and run is None:
-            for r in _all_runs(store):
-                if "checkpoints/resume.pt" in tracking.list_artifacts(client, r.info.run_id, "checkpoints"):
-                    run = r
-            time.sleep(0.3)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert run is not None, "no resumable checkpoint appeared"
-    assert client.get_run(run.info.run_id).info.status == "RUNNING"
-    assert main(args) == 0
-    runs = _all_runs(store)
-    assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id and runs[0].info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")]
-    assert sorted(steps) == list(range(0, 1501, 50))  # every evaluation once: none lost, none twice
-    # Bit for bit the same as an uninterrupted run of the same config.
-    assert main([*args, "--experiment", "uninterrupted"]) == 0
-    fresh = [r for r in _all_runs(store) if r.info.run_id != run.info.run_id][0]
-    for key in ("test_acc", "train_loss", "learning_distance"):
-        a = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-        b = sorted((m.step, m.value) for m in client.get_metric_history(fresh.info.run_id, key))
-        assert a == b, key
-
-
 def test_run_killed_with_a_damaged_resume_checkpoint_is_trained_again_in_place(store, caplog):
     # A kill while MLflow copies the resume checkpoint into the store leaves a truncated file; the
     # next run of the config continues the same run from the start instead of failing on it.
