@@ -272,7 +272,7 @@ class Chain:
             logged = -1
         else:
             level_id = reopened.info.run_id
-            logged = max((m.step for m in self.client.get_metric_history(level_id, "test_acc")), default=-1)
+            logged = tracking.last_logged_step(self.client, level_id)
         level_logger = tracking.MetricLogger(self.client, level_id, skip_through=logged)
         every = cfg.eval_every
 

@@ -106,8 +106,7 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
     num_params = models.count_params(model)
     init = {k: v.detach().clone() for k, v in weights.items()}
     # A continued run re-computes steps it may already have logged before it stopped.
-    logged = max((m.step for m in client.get_metric_history(run_id, "test_acc")), default=-1)
-    logger = tracking.MetricLogger(client, run_id, skip_through=logged)
+    logger = tracking.MetricLogger(client, run_id, skip_through=tracking.last_logged_step(client, run_id))
     if resume is None:
         tracking.log_params(client, run_id, {**to_flat_dict(cfg), "num_params": num_params})
         # The effective config, exactly; params may hold `mlflow run`'s spelling of the -P values.

@@ -189,21 +189,14 @@ def _claim(client: MlflowClient, run: Run, what: str) -> None:
     """Take over a study or stage run again: refused while the process that runs it is alive."""
     from mlflow.entities import RunTag
 
-    if _held_by_live_process(run):
+    from sdd import tracking
+
+    if tracking.held_by_live_process(run):
         raise UsageError(f"{what} run {run.info.run_id} is being run by process {run.data.tags['sdd.pid']}; "
                          "wait for it or stop it")
     client.update_run(run.info.run_id, status="RUNNING")
     client.log_batch(run.info.run_id, tags=[RunTag("sdd.pid", str(os.getpid())),
                                             RunTag("sdd.host", socket.gethostname())])
-
-
-def _held_by_live_process(run: Run) -> bool:
-    """RUNNING, and its process (another one, on this host) is alive."""
-    from sdd import tracking
-
-    tags = run.data.tags
-    return (run.info.status == "RUNNING" and tags.get("sdd.host") == socket.gethostname()
-            and tags.get("sdd.pid") not in (None, "", str(os.getpid())) and not tracking.is_orphan(run))
 
 
 class _ProjectRun:
@@ -287,7 +280,7 @@ def settle_orphans(store: Store, stage_run_id: str) -> None:
         if run.data.tags.get("sdd.host") != socket.gethostname():
             log.warning("run %s is RUNNING on host %s; left alone", run.info.run_id, run.data.tags.get("sdd.host"))
             continue
-        while _held_by_live_process(run):
+        while tracking.held_by_live_process(run):
             if time.monotonic() > deadline:
                 raise UsageError(f"run {run.info.run_id} of this stage is still being trained by process "
                                  f"{run.data.tags['sdd.pid']}; is another sweep of this study running?")

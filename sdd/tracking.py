@@ -150,12 +150,22 @@ def unfinished(client: MlflowClient, exp_id: str, step: str, config_hash: str) -
     return [r for r in runs if r.info.status in ("FAILED", "KILLED") or is_orphan(r)]
 
 
+def held_by_live_process(run: Run) -> bool:
+    """RUNNING, and its process (another one, on this host) is alive."""
+    tags = run.data.tags
+    return (run.info.status == "RUNNING" and tags.get("sdd.host") == socket.gethostname()
+            and tags.get("sdd.pid") not in (None, "", str(os.getpid())) and not is_orphan(run))
+
+
+def last_logged_step(client: MlflowClient, run_id: str, key: str = "test_acc") -> int:
+    """The last step of `key` a run has logged (-1 if none): a continued run skips steps up to it."""
+    return max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+
+
 def mark_killed(client: MlflowClient, run: Run) -> None:
     """Mark a run KILLED if it is still RUNNING and no live process on this host holds it."""
     run = client.get_run(run.info.run_id)  # the caller's copy may be out of date
-    held = run.data.tags.get("sdd.host") == socket.gethostname() and int(run.data.tags.get("sdd.pid", "0") or 0) \
-        not in (0, os.getpid()) and _pid_alive(int(run.data.tags["sdd.pid"]))
-    if run.info.status == "RUNNING" and not held:
+    if run.info.status == "RUNNING" and not held_by_live_process(run):
         client.log_batch(run.info.run_id, tags=[RunTag("sdd.error", "process died while running; marked KILLED"),
                                                 RunTag("sdd.failure", "killed")])
         client.set_terminated(run.info.run_id, "KILLED")
