@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from sdd import models, pruning, registry, tracking
+from sdd import faults, models, pruning, registry, tracking
 from sdd.checkpoints import check_masks_fit
 from sdd.config import DistillConfig, PruneConfig, TrainConfig, chain_hash, from_flat_dict, to_flat_dict
 from sdd.dense import StepResult, evaluate_all, nonzero_counts
@@ -279,19 +279,22 @@ class Chain:
         def on_epoch(epoch: int, _loss: float) -> None:
             if every and epoch % every == 0 and epoch != self.recipe.epochs:
                 level_logger.log(evaluate_all(model, self.problem, self.init), epoch)
+            faults.reach(f"level-{level}-epoch-{epoch}", level_id)
 
         def snapshot(state: dict) -> None:
             level_logger.flush()  # metrics first: a continued level skips the steps already logged
             tracking.log_training_state(self.client, level_id, state, LEVEL_RESUME_ARTIFACT)
+            faults.reach(f"level-{level}-saved-{state['epoch']}", level_id)
 
         with tracking.finishing(self.client, level_id):
             resume = tracking.load_resume_state(self.client, level_id, LEVEL_RESUME_ARTIFACT) if reopened else None
             if reopened is not None:
                 log.info("%s: continuing level %d %s", self.chain_id[:8], level,
                          f"at epoch {resume['epoch']}" if resume else "from its start")
+                tracking.record_resume(self.client, level_id, resume)
             fit(model, self.problem.splits.x_train, self.problem.splits.y_train, self.recipe, masks=float_masks,
                 weights=weights, loss_fn=self.loss_fn, generator=generator, on_epoch=on_epoch, resume=resume,
-                snapshot=snapshot, snapshot_every=cfg.resume_every)
+                snapshot=snapshot, snapshot_every=cfg.resume_every, snapshot_epochs=faults.snapshot_epochs())
             metrics = self._measure(model, level_start)
             metrics.update({f"pruned_{k}": after_prune[k] for k in ("train_acc", "val_acc", "test_acc")
                             if k in after_prune})
@@ -302,6 +305,7 @@ class Chain:
         tracking.delete_artifact(self.client, level_id, LEVEL_RESUME_ARTIFACT)
         logger.log({k: metrics[k] for k in LEVEL_METRICS if k in metrics}, level)
         logger.flush()
+        faults.reach(f"level-{level}-done", level_id)
         log.info("%s level %d/%d: sparsity %.4f test_acc %.4f (pruned %.4f) noisy-fit %s (%.1fs)",
                  self.chain_id[:8], level, self.levels, metrics["sparsity"], metrics["test_acc"],
                  metrics["pruned_test_acc"], f"{metrics.get('train_acc_noisy', float('nan')):.3f}",

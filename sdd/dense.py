@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdd import models, tracking
+from sdd import faults, models, tracking
 from sdd.config import TrainConfig, to_flat_dict, train_hash
 from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.measures import activation_entropy, learning_distance, split_metrics
@@ -94,6 +94,7 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
         if reopened is not None:
             log.info("continuing run %s %s", run_id,
                      f"at epoch {resume_state['epoch']}" if resume_state else "from the start")
+            tracking.record_resume(client, run_id, resume_state)
         metrics = _train(cfg, client, run_id, problem, teacher, resume_state)
     tracking.delete_artifact(client, run_id, RESUME_ARTIFACT)  # up to 3x the model's size, not needed now
     return StepResult(run_id, False, metrics)
@@ -140,6 +141,7 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
             logger.log(evaluate_all(model, problem, init), epoch)
         if epoch in cfg.save_epochs:
             tracking.log_state(client, run_id, model.state_dict(), f"checkpoints/epoch_{epoch}.pt")
+        faults.reach(f"train-epoch-{epoch}", run_id)
         now = time.monotonic()
         if now - last_report[0] > 10:
             last_report[0] = now
@@ -148,10 +150,11 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
     def snapshot(state: dict) -> None:
         logger.flush()  # metrics first: a resumed run skips the steps already logged
         tracking.log_training_state(client, run_id, state, RESUME_ARTIFACT)
+        faults.reach(f"train-saved-{state['epoch']}", run_id)
 
     steps = fit(model, problem.splits.x_train, problem.splits.y_train, recipe, loss_fn=loss_fn,
                 generator=generator, on_step=on_step, on_epoch=on_epoch, resume=resume, snapshot=snapshot,
-                snapshot_every=cfg.resume_every)
+                snapshot_every=cfg.resume_every, snapshot_epochs=faults.snapshot_epochs())
     final = evaluate_all(model, problem, init)
     final.update(activation_entropy(model, problem.splits.x_train))
     final.update(nonzero_counts(model))

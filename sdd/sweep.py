@@ -31,6 +31,7 @@ from statistics import mean
 from typing import TYPE_CHECKING, Any
 
 from sdd import config as C
+from sdd import faults
 from sdd.errors import UsageError
 from sdd.study_file import (PARENT, STAGES, AutoStart, Stage, StudyFile, TeacherSelector, chain_config,
                              content_hash, load_study, parse_teacher, show_value, with_storage)
@@ -576,6 +577,8 @@ def ray_runtime(address: str | None) -> Iterator[None]:
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
     if _is_local(address):
         kwargs["include_dashboard"] = False  # a local runtime: nobody watches its dashboard
+    if faults.forwarded_environment():  # a test's fault points must reach the trials' workers
+        kwargs["runtime_env"] = {"env_vars": faults.forwarded_environment()}
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as err:
@@ -869,6 +872,7 @@ def run_stage(store: Store, study: StudyFile, study_run_id: str, plan: Plan, cov
         tags=[RunTag("sdd.trials_failed", str(outcome.failed))] + (
             [RunTag("sdd.failed_trials", failed_keys[:5000])] if failed_keys else []))
     tracking.terminate(client, stage_run_id, "FAILED" if outcome.failed else "FINISHED")
+    faults.reach(f"stage-{stage}-done", stage_run_id)
     log.info("%s stage: %d/%d trials finished (%d reused, %d failed) in %.0fs", stage, finished, len(records),
              reused, outcome.failed, seconds)
     return outcome

@@ -373,6 +373,11 @@ def reopen_run(client: MlflowClient, run_id: str) -> None:
             client.delete_tag(run_id, key)
 
 
+def record_resume(client: MlflowClient, run_id: str, resume_state: Mapping[str, Any] | None) -> None:
+    """Tag a continued run with the epoch it continued from (0: its checkpoint was missing or unreadable)."""
+    client.set_tag(run_id, "sdd.resumed_from_epoch", str(int(resume_state["epoch"]) if resume_state else 0))
+
+
 def delete_artifact(client: MlflowClient, run_id: str, artifact_path: str) -> None:
     """Remove an artifact that is no longer needed (a resume checkpoint of a finished run), if the
     artifact store allows deletion; otherwise it stays, which costs space but nothing else."""

@@ -95,6 +95,7 @@ def fit(
     resume: Mapping[str, Any] | None = None,
     snapshot: Callable[[dict[str, Any]], None] | None = None,
     snapshot_every: float = 0.0,
+    snapshot_epochs: int = 0,
 ) -> int:
     """Train `model` on (x, y) for `recipe.epochs` epochs with a fresh optimizer; returns steps taken.
 
@@ -102,8 +103,8 @@ def fit(
     pruned weights stay exactly zero whatever the optimizer's momentum or weight decay does.
     `on_step(step)` runs after each step, `on_epoch(epoch, last_loss)` after each epoch (1-based).
     `autocast` (bf16 forward passes) defaults to on for CUDA; `sdd bench` turns it off to measure its gain.
-    Every `snapshot_every` seconds (at an epoch's end) `snapshot(state)` receives the model, optimizer
-    and RNG state; `fit(..., resume=state)` continues from such a state exactly where it left off.
+    Every `snapshot_every` seconds (at an epoch's end), and after every `snapshot_epochs` epochs,
+    `snapshot(state)` receives the model, optimizer and RNG state; `fit(..., resume=state)` continues from such a state exactly where it left off.
     """
     device = x.device
     optimizer = make_optimizer(model.parameters(), recipe.optim, recipe.lr)
@@ -151,8 +152,9 @@ def fit(
             raise TrainingDiverged(f"loss became {last} at epoch {epoch + 1}")
         if on_epoch is not None:
             on_epoch(epoch + 1, last)
-        if snapshot is not None and snapshot_every > 0 and epoch + 1 < recipe.epochs \
-                and time.monotonic() - last_snapshot >= snapshot_every:
+        due = (snapshot_every > 0 and time.monotonic() - last_snapshot >= snapshot_every) or \
+            (snapshot_epochs > 0 and (epoch + 1) % snapshot_epochs == 0)
+        if snapshot is not None and due and epoch + 1 < recipe.epochs:
             snapshot({"epoch": epoch + 1, "step": step, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(),
                       "generator": generator.get_state() if generator is not None else None})

@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # the auth mode of the first runtime in the process, so tests must not mix the two.
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
+# The longest an awaited event (a server up, a reaper done, a subprocess finished) may take on a machine
+# five times slower than ours; every wait ends as soon as its event happens, so this only bounds a hang.
+WAIT_S = 900.0
+
 # Small MNIST-1D problem: generated in well under a second, trains in a fraction of one.
 TINY_DATA = DataConfig(train_size=400, test_size=200, val_size=100, noise=0.2)
 
@@ -78,7 +82,7 @@ def enter_store(monkeypatch: pytest.MonkeyPatch, world: dict) -> dict:
     return world
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = WAIT_S) -> subprocess.CompletedProcess:
     """`python -m sdd ...` in a subprocess (the real CLI, exit status and stderr)."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("MLFLOW_RUN_ID", None)

@@ -20,6 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import WAIT_S
 from mlflow import MlflowClient
 
 from tests.test_sweep import TINY, by_step, write_study
@@ -100,8 +102,8 @@ def test_sweep_submitted_with_ray_job_submit_logs_to_a_tracking_server(tmp_path)
                  "--ray-client-server-port", str(client_server), "--dashboard-agent-listen-port", str(agent),
                  "--num-cpus", "2", "--temp-dir", ray_tmp, "--disable-usage-stats"],
                 cwd=tmp_path, env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until_up(f"{uri}/health", server, 120, server_log)
-        wait_until_up(f"http://127.0.0.1:{dashboard}/api/version", head, 180, head_log)
+        wait_until_up(f"{uri}/health", server, WAIT_S, server_log)
+        wait_until_up(f"http://127.0.0.1:{dashboard}/api/version", head, WAIT_S, head_log)
 
         study_file = write_study(tmp_path, TINY[:TINY.index("  prune:")].replace("seed: [0, 1]", "seed: [0]"))
         runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri}, "excludes": [".git"]}
@@ -109,7 +111,7 @@ def test_sweep_submitted_with_ray_job_submit_logs_to_a_tracking_server(tmp_path)
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
              "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
              "python", "-m", "sdd", "sweep", str(study_file), "--storage-path", str(tmp_path / "ray_results")],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT_S)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
         assert "dense: 2/2 trials finished, 0 failed" in submit.stdout
 

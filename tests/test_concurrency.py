@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from conftest import WAIT_S
+
 from sdd import registry, tracking
 
 pytestmark = pytest.mark.slow
@@ -84,8 +86,9 @@ def test_concurrent_writers_into_sqlite_and_into_a_tracking_server(tmp_path):
         procs = [ctx.Process(target=_writer, args=(uris, i, barrier, server_up, errors)) for i in range(WRITERS)]
         for p in procs:
             p.start()
-        deadline = time.time() + 90
+        deadline = time.time() + WAIT_S
         while time.time() < deadline:
+            assert server.poll() is None, f"mlflow server exited ({server.returncode})"
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 server_up.set()
@@ -95,7 +98,7 @@ def test_concurrent_writers_into_sqlite_and_into_a_tracking_server(tmp_path):
         else:
             pytest.fail("mlflow server did not start")
         for p in procs:
-            p.join(300)
+            p.join(WAIT_S)
         failures = []
         while not errors.empty():
             failures.append(errors.get())

@@ -1,7 +1,10 @@
-"""One study, killed again and again: the driver is SIGKILLed during a dense trial, between the stages,
-between two pruning levels and inside a level, and a trial's worker is SIGKILLed as the kernel's OOM
-killer would; each time the same command is run again. The finished study must hold every expected run
-once, FINISHED, with complete metrics, and equal bit for bit the same trials run once, uninterrupted."""
+"""One study, killed again and again: a trial's worker is SIGKILLed as the kernel's OOM killer would,
+and the driver during a dense trial, between the stages, between two pruning levels and inside a
+level; each time the same command is run again. The kill points are events the steps announce
+(`sdd.faults`), not moments the test races the clock for, so the test means the same on any machine.
+The finished study must hold every expected run once, FINISHED, with complete metrics; each killed
+run must have been continued from the checkpoint written just before its kill; and the study must
+equal bit for bit the same trials run once, uninterrupted."""
 
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,13 +24,13 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from sdd import tracking
+from sdd import faults, tracking
 from sdd.chain import run_prune
 from sdd.config import PruneConfig, TrainConfig, from_flat_dict
 from sdd.dense import run_train
 
-# Two dense widths, one pruning chain of three levels from width 64; every training long enough
-# (seconds) to be killed in the middle, with resume checkpoints every second.
+# Two dense widths, one pruning chain of three levels from width 64. Resume checkpoints are written
+# every 250 epochs (forced by epoch count), and every kill point sits right after one of them.
 STUDY = """
 name: killable
 retries: 1
@@ -36,15 +38,19 @@ max_concurrent: 1
 stages:
   dense:
     recipe: {dataset: mnist1d, model: mlp, train_size: 300, test_size: 100, val_size: 50, noise: 0.2,
-             epochs: 2000, lr: 0.01, eval_every: 250, resume_every: 1, device: cpu}
+             epochs: 2000, lr: 0.01, eval_every: 250, resume_every: 0, device: cpu}
     grid: {width: [16, 64], seed: [0]}
   prune:
     start: [{width: 64, seed: 0}]
-    recipe: {levels: 3, epochs: 1500, eval_every: 250, resume_every: 1, register: false, device: cpu}
+    recipe: {levels: 3, epochs: 1500, eval_every: 250, resume_every: 0, register: false, device: cpu}
 """
+SNAPSHOT_EPOCHS = 250
 
 # Metrics that measure time, not results: they differ between any two runs.
 TIMES = {"train_time_s", "level_time_s", "chain_time_s", "wall_time_s"}
+
+# Generous: only a hang waits this long; every wait ends on an event.
+EVENT_TIMEOUT_S = 1500
 
 
 def runs_of(client: MlflowClient) -> list[Run]:
@@ -60,45 +66,56 @@ def artifacts(client: MlflowClient, run: Run, folder: str) -> list[str]:
 
 
 class Driver:
-    """`sdd sweep` in its own process session, started again after every kill."""
+    """`sdd sweep` in its own process session, started again after every kill, with fault points."""
 
     def __init__(self, folder: Path, uri: str, study: Path) -> None:
         self.folder, self.study = folder, study
+        self.faults = folder / "faults"
         # A new local Ray per driver, never a cluster some other process started on this machine.
-        self.env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}
+        self.env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local",
+                    faults.DIR_VAR: str(self.faults), faults.SNAPSHOT_VAR: str(SNAPSHOT_EPOCHS)}
         self.env.pop("MLFLOW_RUN_ID", None)
         self.proc: subprocess.Popen | None = None
         self.sessions: list[int] = []
-        self.kills: list[str] = []
-        self.old_pids: set[str | None] = set()
+        self.reached: dict[str, dict] = {}
 
-    def start(self) -> None:
-        # Processes of a killed driver (its Ray workers) may live on for a moment: what this driver's
-        # processes do is told apart from what theirs did by the pid a run is tagged with.
-        self.old_pids = {r.data.tags.get("sdd.pid") for r in runs_of(MlflowClient(self.env["MLFLOW_TRACKING_URI"]))}
+    def start(self, fault: str | None) -> None:
+        env = {k: v for k, v in self.env.items() if k != faults.FAULT_VAR}
+        if fault:
+            env[faults.FAULT_VAR] = fault
         log = open(self.folder / f"driver{len(self.sessions)}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "sdd", "sweep", str(self.study), "--storage-path",
-                                      str(self.folder / "ray")], cwd=self.folder, env=self.env, stdout=log,
+                                      str(self.folder / "ray")], cwd=self.folder, env=env, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.sessions.append(self.proc.pid)
 
-    def kill_when(self, point: str, ready: Callable[[], Run | bool | None], pid: Callable[[Run], int] | None = None,
-                  timeout: float = 300) -> Run | bool:
-        """Poll until `ready()` holds, then SIGKILL the driver (or the process `pid(found)` names)."""
-        deadline = time.monotonic() + timeout
-        while not (found := ready()):
-            assert self.proc.poll() is None, f"{point}: the driver exited ({self.proc.returncode}) first; " \
-                                             f"see {self.folder}/driver{len(self.sessions) - 1}.log"
-            assert time.monotonic() < deadline, f"{point}: not reached in {timeout}s"
+    def log_tail(self) -> str:
+        return (self.folder / f"driver{len(self.sessions) - 1}.log").read_text()[-3000:]
+
+    def record(self, point: str) -> dict | None:
+        path = self.faults / f"{point}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def kill_at(self, point: str) -> dict:
+        """Wait until a process of this driver pauses at `point`, then SIGKILL the driver, everything in
+        its session and the paused process: the whole machine's work stops exactly there."""
+        deadline = time.monotonic() + EVENT_TIMEOUT_S
+        while (found := self.record(point)) is None:
+            assert self.proc.poll() is None, f"{point}: the driver exited ({self.proc.returncode}) before " \
+                                             f"reaching it:\n{self.log_tail()}"
+            assert time.monotonic() < deadline, f"{point}: not reached in {EVENT_TIMEOUT_S}s"
             time.sleep(0.05)
-        os.kill(self.proc.pid if pid is None else pid(found), signal.SIGKILL)
-        if pid is None:
-            self.proc.wait()
-        self.kills.append(point)
+        for kill in (lambda: os.kill(found["pid"], signal.SIGKILL), lambda: os.killpg(self.proc.pid, signal.SIGKILL)):
+            try:
+                kill()
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        self.reached[point] = found
         return found
 
-    def finish(self, timeout: float = 400) -> None:
-        assert self.proc.wait(timeout) == 0, (self.folder / f"driver{len(self.sessions) - 1}.log").read_text()[-3000:]
+    def finish(self) -> None:
+        assert self.proc.wait(EVENT_TIMEOUT_S) == 0, self.log_tail()
 
     def clean_up(self) -> None:
         for session in self.sessions:  # whatever a killed driver's session left (Ray processes)
@@ -106,23 +123,6 @@ class Driver:
                 os.killpg(session, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def resumable(driver: Driver, client: MlflowClient, step: str, folder: str,
-              **tags: str) -> Callable[[], Run | None]:
-    """A RUNNING run of `step` that the current driver's processes train and that has a resume
-    checkpoint (so it is mid-training)."""
-    def ready() -> Run | None:
-        for run in by_step(runs_of(client), step, "RUNNING"):
-            if run.data.tags.get("sdd.pid") not in driver.old_pids and all(run.data.tags.get(k) == v for k, v in tags.items()) and \
-                    f"{folder}/resume.pt" in artifacts(client, run, folder):
-                return run
-        return None
-    return ready
-
-
-def stage_finished(client: MlflowClient, stage: str) -> Callable[[], bool]:
-    return lambda: any(r.data.tags.get("sdd.stage") == stage for r in by_step(runs_of(client), "sweep", "FINISHED"))
 
 
 def histories(client: MlflowClient, run: Run) -> dict[str, list[tuple[int, float]]]:
@@ -170,7 +170,7 @@ def run_uninterrupted(client: MlflowClient, uri: str) -> None:
 
 
 @pytest.mark.slow
-def test_study_killed_at_every_point_equals_an_uninterrupted_one(tmp_path, empty_store, monkeypatch):
+def test_study_killed_at_every_point_equals_an_uninterrupted_one(tmp_path, empty_store):
     study = tmp_path / "killable.yaml"
     study.write_text(STUDY)
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "uninterrupted"
@@ -181,31 +181,29 @@ def test_study_killed_at_every_point_equals_an_uninterrupted_one(tmp_path, empty
     client = MlflowClient(uri)
     driver = Driver(killed_dir, uri, study)
     try:
-        driver.start()
-        # 1. A trial's worker dies mid-training (as under the OOM killer): Tune retries the trial,
-        #    which continues the same run; the driver carries on.
-        oom = driver.kill_when("worker killed mid-training", resumable(driver, client, "train", "checkpoints"),
-                               pid=lambda run: int(run.data.tags["sdd.pid"]))
-        # 2. The driver dies while the other dense trial trains.
-        dense = driver.kill_when("driver killed during a dense trial", resumable(
-            driver, client, "train", "checkpoints", **{"mlflow.runName": next(
-                n for n in ("mnist1d-mlp-w16-n0.2-s0", "mnist1d-mlp-w64-n0.2-s0")
-                if n != oom.data.tags["mlflow.runName"])}))
-        driver.start()
-        # 3. The driver dies right after the dense stage finished, before or while the chain starts.
-        driver.kill_when("driver killed between stages", stage_finished(client, "dense"))
-        driver.start()
-        # 4. The driver dies once the first level has finished, as the second one starts.
-        driver.kill_when("driver killed between levels", lambda: any(
-            r.data.tags["sdd.level"] == "1" for r in by_step(runs_of(client), "level", "FINISHED")))
-        driver.start()
-        # 5. The driver dies in the middle of a later level's retraining.
-        level = driver.kill_when("driver killed inside a level", resumable(driver, client, "level", "level"))
-        assert level.data.tags["sdd.level"] in ("2", "3")
-        driver.start()
+        # 1. The first dense trial's worker dies right after its checkpoint at epoch 500 (as under the
+        #    OOM killer): Tune retries the trial, which continues the same run from epoch 500 and then
+        #    passes epoch 1000 as the first arrival there.
+        # 2. The driver dies while the second dense trial, the second arrival at epoch 1000, trains.
+        driver.start("train-saved-500:1:kill,train-saved-1000:2:pause")
+        dense = driver.kill_at("train-saved-1000")
+        # 3. The driver dies right after the dense stage run is FINISHED, before the chain stage.
+        driver.start("stage-dense-done:1:pause")
+        driver.kill_at("stage-dense-done")
+        # 4. The driver dies once level 1 has finished, before level 2 starts.
+        driver.start("level-1-done:1:pause")
+        driver.kill_at("level-1-done")
+        # 5. The driver dies in the middle of level 2's retraining, after its checkpoint at epoch 750.
+        driver.start("level-2-saved-750:1:pause")
+        level = driver.kill_at("level-2-saved-750")
+        driver.start(None)
         driver.finish()
     finally:
         driver.clean_up()
+    oom = driver.record("train-saved-500")
+    assert oom is not None and oom["action"] == "kill", "the worker kill point was never reached"
+    assert oom["pid"] != dense["pid"] and oom["run_id"] != dense["run_id"]
+    logging.getLogger(__name__).info("kill points reached: %s", ["train-saved-500", *driver.reached])
 
     runs = runs_of(client)
     # Every expected run exactly once, FINISHED; nothing left RUNNING, nothing KILLED or FAILED beside it.
@@ -216,14 +214,19 @@ def test_study_killed_at_every_point_equals_an_uninterrupted_one(tmp_path, empty
     (chain,) = by_step(runs, "prune")
     levels = sorted(by_step(runs, "level"), key=lambda r: int(r.data.tags["sdd.level"]))
     assert [r.data.tags["sdd.level"] for r in levels] == ["1", "2", "3"]
-    # The runs that were killed mid-training were continued, not replaced. A killed driver's Ray worker
-    # lives on for a moment and may still finish its run itself (then the run keeps that worker's pid).
-    again = client.get_run(oom.info.run_id)
-    assert again.info.status == "FINISHED" and int(again.data.tags["sdd.restarts"]) >= 1
-    for killed in (dense, level):
-        again = client.get_run(killed.info.run_id)
-        assert again.info.status == "FINISHED" and (int(again.data.tags.get("sdd.restarts", 0)) >= 1 or
-                                                    again.data.tags["sdd.pid"] == killed.data.tags["sdd.pid"])
+    # The resume path ran: each run killed mid-training was continued in place, once, from the
+    # checkpoint written just before its kill; the runs no kill touched were never restarted.
+    continued = {oom["run_id"]: "500", dense["run_id"]: "1000", level["run_id"]: "750"}
+    assert level["run_id"] == levels[1].info.run_id
+    for run in by_step(runs, "train") + levels:
+        tags = run.data.tags
+        if run.info.run_id in continued:
+            assert (tags.get("sdd.restarts"), tags.get("sdd.resumed_from_epoch")) == \
+                ("1", continued[run.info.run_id]), (tags.get("mlflow.runName"), tags)
+        else:
+            assert "sdd.restarts" not in tags, tags.get("mlflow.runName")
+    # The chain was continued after kills 4 and 5, not started again.
+    assert chain.data.tags.get("sdd.restarts") == "2"
     # Metrics complete and in order: every evaluation once, every level once.
     for run in by_step(runs, "train"):
         assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "test_acc"),
@@ -235,7 +238,6 @@ def test_study_killed_at_every_point_equals_an_uninterrupted_one(tmp_path, empty
     # Resume checkpoints are removed once their run has finished.
     assert not any("resume.pt" in a for r in by_step(runs, "train") for a in artifacts(client, r, "checkpoints"))
     assert not any("resume.pt" in a for r in levels for a in artifacts(client, r, "level"))
-    logging.getLogger(__name__).info("kills survived: %s", driver.kills)
 
     run_uninterrupted(client, clean_uri)
     got, want = record(client), record(MlflowClient(clean_uri))

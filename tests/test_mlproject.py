@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.entities import ViewType
 
-from conftest import ROOT
+from conftest import ROOT, WAIT_S
 from sdd import tracking
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ def mlflow_run(entry: str, *params: str, cwd: Path) -> subprocess.CompletedProce
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_RUN_ID", None)
     return subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
-                           *params], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+                           *params], cwd=cwd, env=env, capture_output=True, text=True, timeout=WAIT_S)
 
 
 def _runs(client, view=ViewType.ACTIVE_ONLY):
@@ -61,7 +61,7 @@ def test_non_numeric_parameter_leaves_no_run(store, tmp_path):
     assert bad.returncode != 0
     assert "sdd: error: sdd train: argument --width: expected an integer, got 'abc'" in bad.stderr
     assert "Traceback" not in bad.stderr
-    deadline = time.time() + 30  # the reaper deletes the launcher's run once it is marked failed
+    deadline = time.time() + WAIT_S  # the reaper deletes the launcher's run once it is marked failed
     while time.time() < deadline and _runs(client):
         time.sleep(0.5)
     assert _runs(client) == []
@@ -75,7 +75,7 @@ def test_sweep_entry_point_dry_run(store, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "width=8" in result.stdout and "width=16" in result.stdout
     client = tracking.get_client()
-    deadline = time.time() + 30  # a dry run logs nothing: the launcher's own run is reaped
+    deadline = time.time() + WAIT_S  # a dry run logs nothing: the launcher's own run is reaped
     while time.time() < deadline and _runs(client):
         time.sleep(0.5)
     assert _runs(client) == []

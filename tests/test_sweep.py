@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from conftest import WAIT_S
 from mlflow import MlflowClient
 
 from sdd import cli, study, sweep
@@ -282,6 +284,7 @@ def free_port() -> int:
     (("stage", "prune"), "prune stage: the dense stage of study tiny has not run yet"),
     (("tracking", None), "is unreachable"),
 ])
+@pytest.mark.slow  # starts Ray: `make test-fast` starts none
 def test_bad_input_exits_2_before_any_run(ray_local, store, tmp_path, monkeypatch, capsys, change, expected):
     text, args = TINY, []
     kind, value = change
@@ -303,7 +306,7 @@ def test_bad_input_exits_2_before_any_run(ray_local, store, tmp_path, monkeypatc
 def test_unreachable_ray_address_exits_2(store, tmp_path):
     path = write_study(tmp_path)
     proc = subprocess.run(SDD + ["sweep", str(path), "--address", f"127.0.0.1:{free_port()}"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": store})
+                          capture_output=True, text=True, timeout=WAIT_S, env={**os.environ, "MLFLOW_TRACKING_URI": store})
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("sdd: error: Ray at 127.0.0.1:")
     assert all_runs(store) == []

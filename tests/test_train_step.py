@@ -1,13 +1,15 @@
 """The `train` step against a real sqlite MLflow store."""
 
+import json
 import math
+import signal
 
 import mlflow
 import pytest
 import torch
 
 from conftest import run_cli, tiny_train
-from sdd import models, tracking
+from sdd import faults, models, tracking
 from sdd.checkpoints import load_state
 from sdd.cli import main
 from sdd.dense import run_train
@@ -129,3 +131,32 @@ def test_run_killed_with_a_damaged_resume_checkpoint_is_trained_again_in_place(s
         a = [(m.step, m.value) for m in client.get_metric_history(killed.run_id, key)]
         b = [(m.step, m.value) for m in client.get_metric_history(reference.run_id, key)]
         assert sorted(a) == sorted(b), key  # every step once, the same values
+
+
+@pytest.mark.slow
+def test_minibatch_run_killed_mid_way_is_continued_bit_for_bit(store, tmp_path):
+    # Minibatches come in an order drawn from the run's generator, so a resume that restored the
+    # weights and the optimizer but not the generator would train on other batches from there on.
+    args = ["train", "--train-size", "400", "--test-size", "200", "--val-size", "100", "--width", "16",
+            "--epochs", "30", "--batch-size", "64", "--lr", "0.01", "--eval-every", "5", "--resume-every", "0"]
+    fault_env = {faults.FAULT_VAR: "train-saved-20:1:kill", faults.DIR_VAR: str(tmp_path / "faults"),
+                 faults.SNAPSHOT_VAR: "10"}
+    killed = run_cli(*args, "--experiment", "killed", env=fault_env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_id = json.loads((tmp_path / "faults" / "train-saved-20.json").read_text())["run_id"]
+    # Both the continued and the reference run in a fresh process, with the same torch threads.
+    for experiment in ("killed", "uninterrupted"):
+        done = run_cli(*args, "--experiment", experiment)
+        assert done.returncode == 0, done.stderr[-2000:]
+    client = tracking.get_client()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert (run.data.tags["sdd.restarts"], run.data.tags["sdd.resumed_from_epoch"]) == ("1", "20")
+    (reference,) = [r for r in _all_runs(store) if r.info.run_id != run_id]
+    for key in ("test_acc", "train_loss", "val_acc", "learning_distance"):
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        want = sorted((m.step, m.value) for m in client.get_metric_history(reference.info.run_id, key))
+        assert got == want, key
+    final, expected = (tracking.load_state_artifact(client, r, "checkpoints/final.pt")
+                       for r in (run_id, reference.info.run_id))
+    assert all(final[name].equal(expected[name]) for name in expected)
