@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from sdd import faults, models, pruning, registry, tracking
+from sdd import faults, lifecycle, models, pruning, registry, tracking
 from sdd.checkpoints import check_masks_fit
 from sdd.config import DistillConfig, PruneConfig, TrainConfig, chain_hash, from_flat_dict, to_flat_dict
 from sdd.dense import StepResult, evaluate_all, nonzero_counts
@@ -99,43 +99,39 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
         teacher = load_teacher(client, distill.teacher, problem.splits.input_shape, problem.splits.num_classes,
                                device)
     step = "distill" if teacher else "prune"
-    chash = chain_hash(cfg, parent.run.info.run_id, distill, teacher.run_id if teacher else None)
-    if not cfg.force:
-        done = tracking.find_finished(client, exp_id, step, chash)
-        if done is not None:
-            log.info("reusing finished chain %s (config %s)", done.info.run_id, chash)
-            tracking.discard_project_run(client)
-            return StepResult(done.info.run_id, True, dict(done.data.metrics))
+    config_hash = chain_hash(cfg, parent.run.info.run_id, distill, teacher.run_id if teacher else None)
     m = parent.config.model
     name = f"{step} {cfg.criterion}/{cfg.retrain} w{m.width} " + \
         (f"e{cfg.start_epoch}" if cfg.start_epoch is not None else "final")
-    tags = {"sdd.step": step, "sdd.config_hash": chash, "sdd.dense_run_id": parent.run.info.run_id,
+    tags = {"sdd.step": step, "sdd.config_hash": config_hash, "sdd.dense_run_id": parent.run.info.run_id,
             **(extra_tags or {})}
     if teacher:
         tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
-    reopened = tracking.take_over(client, tracking.unfinished(client, exp_id, step, chash), tags)
-    if reopened is not None:
-        chain_id = reopened.info.run_id
-        tracking.discard_project_run(client)
-        log.info("resuming chain %s", chain_id)
-    else:
-        chain_id = tracking.start_run(client, exp_id, name=name, tags=tags, parent_run_id=parent.run.info.run_id)
+    lease = lifecycle.acquire(client, exp_id, lifecycle.RunSpec(step, config_hash, name, tags,
+                                                                parent_run_id=parent.run.info.run_id),
+                              force=cfg.force)
+    if lease.reused:
+        return StepResult(lease.run_id, True, dict(lease.finished.data.metrics))
+    if lease.is_new:
         params = {**to_flat_dict(cfg), **(to_flat_dict(distill) if distill else {}),
                   "dense_model": m.model, "dense_width": m.width, "dense_depth": m.depth,
                   "dataset": parent.config.data.dataset, "noise": parent.config.data.noise}
-        tracking.log_params(client, chain_id, params)
-    with tracking.finishing(client, chain_id):
-        metrics = Chain(cfg, distill, client, exp_id, chain_id, chash, parent, problem, teacher).run()
-    return StepResult(chain_id, False, metrics)
+        tracking.log_params(client, lease.run_id, params)
+    else:
+        log.info("resuming chain %s", lease.run_id)
+    with lease.running():
+        metrics = Chain(cfg, distill, client, exp_id, lease.run_id, config_hash, parent, problem, teacher).run()
+    return StepResult(lease.run_id, False, metrics)
 
 
 class Chain:
     """The level loop of one chain, with its resume state."""
 
     def __init__(self, cfg: PruneConfig, distill: DistillConfig | None, client: MlflowClient, exp_id: str,
-                 chain_id: str, chash: str, parent: Parent, problem: Problem, teacher: Teacher | None) -> None:
+                 chain_id: str, config_hash: str, parent: Parent, problem: Problem, teacher: Teacher | None) -> None:
         self.cfg, self.distill, self.client, self.exp_id = cfg, distill, client, exp_id
-        self.chain_id, self.chash, self.parent, self.problem, self.teacher = chain_id, chash, parent, problem, teacher
+        self.chain_id, self.config_hash, self.parent = chain_id, config_hash, parent
+        self.problem, self.teacher = problem, teacher
         self.dense_id = parent.run.info.run_id
         self.levels = pruning.schedule(cfg.rate, None if cfg.target_sparsity is not None else (cfg.levels or 20),
                                        cfg.target_sparsity)
@@ -212,8 +208,8 @@ class Chain:
         if resumed:
             masks = self._load_level(self.model, done[resumed])
             log.info("%s: levels 1-%d already finished, resuming at level %d", self.chain_id[:8], resumed, resumed + 1)
-        # The level a kill interrupted is continued in its own run (from its resume checkpoint, if
-        # it wrote one); any other unfinished level run is a leftover and is marked KILLED.
+        # The level a kill interrupted is continued in its own run (`_level` takes it over, from its
+        # resume checkpoint if it wrote one); any other unfinished level run is a leftover: KILLED.
         stale = [r for r in self._level_runs() if r.info.status != "FINISHED"]
         interrupted = [r for r in stale if r.data.tags["sdd.level"] == str(resumed + 1)]
         for run in stale:
@@ -223,7 +219,7 @@ class Chain:
         started = time.monotonic()
         level = resumed + 1
         while stop is None and level <= self.levels:
-            metrics, masks = self._level(level, masks, logger, interrupted if level == resumed + 1 else [])
+            metrics, masks = self._level(level, masks, logger)
             history.append(metrics)
             stop = self._early_stop(history)
             level += 1
@@ -244,7 +240,7 @@ class Chain:
 
     # --- one level -------------------------------------------------------------------------------
 
-    def _level(self, level: int, masks, logger: tracking.MetricLogger, interrupted: list[Run]):
+    def _level(self, level: int, masks, logger: tracking.MetricLogger):
         cfg, model, weights = self.cfg, self.model, self.weights
         t0 = time.monotonic()
         generator = torch.Generator(device=self.problem.device).manual_seed(cfg.seed * 100_003 + level)
@@ -262,17 +258,14 @@ class Chain:
         level_start = {k: v.detach().clone() for k, v in weights.items()}
 
         level_tags = {"sdd.step": "level", "sdd.level": str(level), "sdd.dense_run_id": self.dense_id,
-                      "sdd.chain_run_id": self.chain_id, "sdd.config_hash": f"{self.chash}-{level}"}
+                      "sdd.chain_run_id": self.chain_id, "sdd.config_hash": f"{self.config_hash}-{level}"}
         # Pruning above is deterministic, so it re-creates an interrupted level's masks and start; its
-        # run is continued, and its checkpoint (read below) restores the retraining where it stopped.
-        reopened = tracking.take_over(self.client, interrupted)
-        if reopened is None:
-            level_id = tracking.start_run(self.client, self.exp_id, name=f"level {level}",
-                                          parent_run_id=self.chain_id, adopt_project_run=False, tags=level_tags)
-            logged = -1
-        else:
-            level_id = reopened.info.run_id
-            logged = tracking.last_logged_step(self.client, level_id)
+        # run is continued, and its checkpoint restores the retraining where it stopped.
+        lease = lifecycle.acquire(self.client, self.exp_id, lifecycle.RunSpec(
+            "level", level_tags["sdd.config_hash"], f"level {level}", level_tags, parent_run_id=self.chain_id,
+            scope_parent=self.chain_id, adopt_project_run=False, resume_artifact=LEVEL_RESUME_ARTIFACT))
+        level_id = lease.run_id
+        logged = -1 if lease.is_new else tracking.last_logged_step(self.client, level_id)
         level_logger = tracking.MetricLogger(self.client, level_id, skip_through=logged)
         every = cfg.eval_every
 
@@ -286,12 +279,7 @@ class Chain:
             tracking.log_training_state(self.client, level_id, state, LEVEL_RESUME_ARTIFACT)
             faults.reach(f"level-{level}-saved-{state['epoch']}", level_id)
 
-        with tracking.finishing(self.client, level_id):
-            resume = tracking.load_resume_state(self.client, level_id, LEVEL_RESUME_ARTIFACT) if reopened else None
-            if reopened is not None:
-                log.info("%s: continuing level %d %s", self.chain_id[:8], level,
-                         f"at epoch {resume['epoch']}" if resume else "from its start")
-                tracking.record_resume(self.client, level_id, resume)
+        with lease.running() as resume:
             fit(model, self.problem.splits.x_train, self.problem.splits.y_train, self.recipe, masks=float_masks,
                 weights=weights, loss_fn=self.loss_fn, generator=generator, on_epoch=on_epoch, resume=resume,
                 snapshot=snapshot, snapshot_every=cfg.resume_every, snapshot_epochs=faults.snapshot_epochs())
@@ -302,7 +290,6 @@ class Chain:
             level_logger.log(metrics, self.recipe.epochs)  # a level run's x axis is its retraining epoch
             level_logger.flush()
             tracking.log_sparse_state(self.client, level_id, model.state_dict(), masks, "level/weights.pt")
-        tracking.delete_artifact(self.client, level_id, LEVEL_RESUME_ARTIFACT)
         logger.log({k: metrics[k] for k in LEVEL_METRICS if k in metrics}, level)
         logger.flush()
         faults.reach(f"level-{level}-done", level_id)

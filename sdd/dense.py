@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdd import faults, models, tracking
+from sdd import faults, lifecycle, models, tracking
 from sdd.config import TrainConfig, to_flat_dict, train_hash
 from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.measures import activation_entropy, learning_distance, split_metrics
@@ -62,42 +62,23 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
     if cfg.distill.teacher:
         teacher = load_teacher(client, cfg.distill.teacher, problem.splits.input_shape,
                                problem.splits.num_classes, device)
-    chash = train_hash(cfg, teacher.run_id if teacher else None)
-    if not cfg.force:
-        done = tracking.find_finished(client, exp_id, "train", chash)
-        if done is not None:
-            log.info("reusing finished run %s (config %s)", done.info.run_id, chash)
-            tracking.discard_project_run(client)
-            return StepResult(done.info.run_id, True, dict(done.data.metrics))
+    config_hash = train_hash(cfg, teacher.run_id if teacher else None)
     m = cfg.model
     name = f"{cfg.data.dataset}-{m.model}-w{m.width}" + (f"-d{m.depth}" if m.depth != 1 else "") \
         + f"-n{cfg.data.noise:g}-s{cfg.optim.seed}"
-    tags = {"sdd.step": "train", "sdd.config_hash": chash, **(extra_tags or {})}
+    tags = {"sdd.step": "train", "sdd.config_hash": config_hash, **(extra_tags or {})}
     if teacher:
         tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
-    stale = tracking.unfinished(client, exp_id, "train", chash)
-    if cfg.force:
-        for run in stale:
-            tracking.mark_killed(client, run)
-        stale = []
     # A killed or failed run of this config is continued, not duplicated: from its last resume
     # checkpoint, or from the start inside the same run (the metrics it logged are not logged twice).
-    parent_tag = {tracking.PARENT_TAG: parent_run_id} if parent_run_id else {}
-    reopened = tracking.take_over(client, stale, {**tags, **parent_tag})
-    if reopened is not None:
-        run_id = reopened.info.run_id
-        tracking.discard_project_run(client)
-    else:
-        run_id = tracking.start_run(client, exp_id, name=name, tags=tags, parent_run_id=parent_run_id)
-    with tracking.finishing(client, run_id):
-        resume_state = tracking.load_resume_state(client, run_id, RESUME_ARTIFACT) if reopened else None
-        if reopened is not None:
-            log.info("continuing run %s %s", run_id,
-                     f"at epoch {resume_state['epoch']}" if resume_state else "from the start")
-            tracking.record_resume(client, run_id, resume_state)
-        metrics = _train(cfg, client, run_id, problem, teacher, resume_state)
-    tracking.delete_artifact(client, run_id, RESUME_ARTIFACT)  # up to 3x the model's size, not needed now
-    return StepResult(run_id, False, metrics)
+    lease = lifecycle.acquire(client, exp_id, lifecycle.RunSpec(
+        "train", config_hash, name, tags, parent_run_id=parent_run_id, resume_artifact=RESUME_ARTIFACT),
+        force=cfg.force)
+    if lease.reused:
+        return StepResult(lease.run_id, True, dict(lease.finished.data.metrics))
+    with lease.running() as resume_state:
+        metrics = _train(cfg, client, lease.run_id, problem, teacher, resume_state)
+    return StepResult(lease.run_id, False, metrics)
 
 
 def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Teacher | None,

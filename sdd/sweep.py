@@ -186,42 +186,19 @@ def find_stage_run(store: Store, study_run_id: str, stage: str) -> Run | None:
     return runs[-1] if runs else None
 
 
-def _claim(client: MlflowClient, run: Run, what: str) -> None:
-    """Take over a study or stage run again: refused while the process that runs it is alive."""
-    from mlflow.entities import RunTag
-
-    from sdd import tracking
-
-    if tracking.held_by_live_process(run):
-        raise UsageError(f"{what} run {run.info.run_id} is being run by process {run.data.tags['sdd.pid']}; "
-                         "wait for it or stop it")
-    client.update_run(run.info.run_id, status="RUNNING")
-    client.log_batch(run.info.run_id, tags=[RunTag("sdd.pid", str(os.getpid())),
-                                            RunTag("sdd.host", socket.gethostname())])
-
-
 class _ProjectRun:
     """The run `mlflow run` created (MLFLOW_RUN_ID), held aside while Ray starts.
 
     Ray workers inherit the environment of the process that starts Ray; with MLFLOW_RUN_ID in it every
-    trial would write into that one run. It is given to the first run this sweep creates, or discarded.
+    trial would write into that one run. It is offered to the study and stage runs this sweep opens
+    (the first new one adopts it, see `tracking.start_run`), or discarded.
     """
 
     def __init__(self) -> None:
         self.run_id = os.environ.pop("MLFLOW_RUN_ID", None)
 
-    def start_run(self, store: Store, *, name: str, tags: dict[str, str], parent_run_id: str | None) -> str:
-        from sdd import tracking
-
-        if self.run_id and store.client.get_run(self.run_id).info.experiment_id == store.exp_id:
-            os.environ["MLFLOW_RUN_ID"] = self.run_id  # tracking.start_run adopts it and pops it again
-        else:
-            self.discard(store)
-        self.run_id = None
-        return tracking.start_run(store.client, store.exp_id, name=name, tags=tags, parent_run_id=parent_run_id)
-
     def restore(self) -> None:
-        """Put it back, e.g. for the command line to discard on bad input, as for every step."""
+        """Put it back: for the next run opened to adopt, or for the command line to discard on bad input."""
         if self.run_id:
             os.environ["MLFLOW_RUN_ID"] = self.run_id
             self.run_id = None
@@ -234,37 +211,47 @@ class _ProjectRun:
             tracking.discard_project_run(store.client)
 
 
+def _open_run(store: Store, spec: Any, project: _ProjectRun, what: str) -> Any:
+    """A study or stage run: its newest run is continued (refused while a live process holds it)."""
+    from sdd import lifecycle
+
+    project.restore()
+    return lifecycle.acquire(store.client, store.exp_id, spec, wait=False, reopen_finished=True, what=what)
+
+
 def open_study_run(store: Store, study: StudyFile, project: _ProjectRun) -> str:
-    run = find_study_run(store, study)
-    if run is not None:
-        _claim(store.client, run, f"study {study.name}")
-        log.info("study %s: continuing study run %s", study.name, run.info.run_id)
-        return run.info.run_id
-    run_id = project.start_run(store, name=study.name, parent_run_id=None, tags={
-        "sdd.step": "study", "sdd.study_file": study.display_path, "sdd.config_hash": study.content_hash,
-        "sdd.study_name": study.name, "sdd.stages": ",".join(study.stage_names())})
-    store.client.log_text(run_id, study.text, "study.yaml")
+    from sdd.lifecycle import RunSpec
+
+    tags = {"sdd.step": "study", "sdd.study_file": study.display_path, "sdd.config_hash": study.content_hash,
+            "sdd.study_name": study.name, "sdd.stages": ",".join(study.stage_names())}
+    lease = _open_run(store, RunSpec("study", study.content_hash, study.name, tags,
+                                     match_tags={"sdd.study_file": study.display_path}), project,
+                      f"study {study.name} run")
+    if not lease.is_new:
+        log.info("study %s: continuing study run %s", study.name, lease.run_id)
+        return lease.run_id
+    store.client.log_text(lease.run_id, study.text, "study.yaml")
     if study.description:
-        store.client.set_tag(run_id, "mlflow.note.content", study.description)
-    log.info("study %s: new study run %s", study.name, run_id)
-    return run_id
+        store.client.set_tag(lease.run_id, "mlflow.note.content", study.description)
+    log.info("study %s: new study run %s", study.name, lease.run_id)
+    return lease.run_id
 
 
 def open_stage_run(store: Store, study: StudyFile, study_run_id: str, stage: str, project: _ProjectRun) -> str:
     from sdd import tracking
+    from sdd.lifecycle import RunSpec
 
-    run = find_stage_run(store, study_run_id, stage)
-    if run is not None:
-        _claim(store.client, run, f"stage {stage}")
-        return run.info.run_id
-    spec = study.stages[stage]
-    run_id = project.start_run(store, name=f"{study.name}/{stage}", parent_run_id=study_run_id, tags={
-        "sdd.step": "sweep", "sdd.stage": stage, "sdd.study_run_id": study_run_id,
-        "sdd.config_hash": content_hash(f"{study.content_hash}:{stage}")})
-    params = {f"recipe.{k}": v for k, v in spec.recipe.items()}
-    params["grid"] = json.dumps([{k: list(v) for k, v in grid.items()} for grid in spec.grids])
-    tracking.log_params(store.client, run_id, params)
-    return run_id
+    config_hash = content_hash(f"{study.content_hash}:{stage}")
+    tags = {"sdd.step": "sweep", "sdd.stage": stage, "sdd.study_run_id": study_run_id, "sdd.config_hash": config_hash}
+    lease = _open_run(store, RunSpec("sweep", config_hash, f"{study.name}/{stage}", tags, parent_run_id=study_run_id,
+                                     scope_parent=study_run_id, match_tags={"sdd.stage": stage}), project,
+                      f"stage {stage} run")
+    if lease.is_new:
+        spec = study.stages[stage]
+        params = {f"recipe.{k}": v for k, v in spec.recipe.items()}
+        params["grid"] = json.dumps([{k: list(v) for k, v in grid.items()} for grid in spec.grids])
+        tracking.log_params(store.client, lease.run_id, params)
+    return lease.run_id
 
 
 def settle_orphans(store: Store, stage_run_id: str) -> None:

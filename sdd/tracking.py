@@ -123,7 +123,7 @@ def find_finished(client: MlflowClient, exp_id: str, step: str, config_hash: str
     return runs[0] if runs else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -141,7 +141,7 @@ def is_orphan(run: Run) -> bool:
     if tags.get("sdd.host") != socket.gethostname():
         return False
     pid = int(tags.get("sdd.pid", "0") or 0)
-    return pid > 0 and not _pid_alive(pid)
+    return pid > 0 and not pid_alive(pid)
 
 
 def unfinished(client: MlflowClient, exp_id: str, step: str, config_hash: str) -> list[Run]:
@@ -169,6 +169,13 @@ def mark_killed(client: MlflowClient, run: Run) -> None:
         client.log_batch(run.info.run_id, tags=[RunTag("sdd.error", "process died while running; marked KILLED"),
                                                 RunTag("sdd.failure", "killed")])
         client.set_terminated(run.info.run_id, "KILLED")
+
+
+def claim_run(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    """Continue a run in this process as it is (a study or stage run): RUNNING, owned by this pid."""
+    client.update_run(run_id, status="RUNNING")
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {
+        **tags, "sdd.pid": str(os.getpid()), "sdd.host": socket.gethostname()}.items()])
 
 
 def take_over(client: MlflowClient, stale: list[Run], tags: Mapping[str, str] | None = None) -> Run | None:

@@ -25,7 +25,6 @@ from analysis.summary import dd_peak, dip_and_recovery, max_rise
 from sdd import tracking
 from sdd.config import PruneConfig, TrainConfig, from_flat_dict, to_flat_dict
 from sdd.errors import UsageError
-from sdd.phases import sdd_phases
 
 WIDTHS = (8, 16, 32, 64, 128, 256)
 # Mean noisy-subset train accuracy per noise and width: the IT is the first width reaching 0.99.
@@ -35,17 +34,30 @@ TEST_ACC = {0.2: {8: 0.55, 16: 0.62, 32: 0.60, 64: 0.52, 128: 0.60, 256: 0.66},
             0.1: {8: 0.60, 16: 0.66, 32: 0.58, 64: 0.64, 128: 0.68, 256: 0.70}}
 EXPECTED_IT = {0.2: 64, 0.1: 32}
 
+# Expected phases are written out by hand from sdd.phases' rules (IT: first level whose noisy-subset
+# accuracy is below 0.99; tolerance 0.01), never computed with the code under test.
 # The vanilla chains from width 64 (20% noise): noisy labels lost at level 4, dip there, peak at 6.
+# Level 3 (0.66) is the first more than 0.01 below the dense 0.70; after the peak 0.73, level 7
+# (0.725) is within 0.01 of it and level 8 (0.70) is not. Best val_acc (test - 0.01): level 6.
 VANILLA_TEST = [0.70, 0.70, 0.695, 0.66, 0.62, 0.68, 0.73, 0.725, 0.70, 0.60, 0.50]
 VANILLA_NOISY = [1.0, 1.0, 1.0, 1.0, 0.97, 0.80, 0.60, 0.50, 0.40, 0.30, 0.20]
 VANILLA_ENTROPY = [0.5, 0.5, 0.49, 0.48, 0.40, 0.38, 0.36, 0.34, 0.30, 0.25, 0.20]
 VANILLA_PHASES = ["dense", "light", "light", "critical", "sweet", "sweet", "sweet", "sweet", "collapsed",
                   "collapsed", "collapsed"]
-# A chain from width 256 that never loses the noisy labels and only declines.
+# A chain from width 256 that never loses the noisy labels (no IT) and only declines. Level 3 sits
+# exactly 0.01 below the dense model, still light: critical means *more* than the tolerance below.
 WIDE_TEST = [0.66, 0.66, 0.655, 0.65, 0.64, 0.63, 0.62, 0.61, 0.60, 0.58, 0.55]
+WIDE_PHASES = ["dense", "light", "light", "light", "critical", "critical", "critical", "critical", "critical",
+               "critical", "critical"]
+# It logs no best_* metrics, so the analysis picks its best level itself. Its val_acc disagrees with
+# test_acc (whose best is level 1) and ties at levels 3 and 5: the best level is 5, the sparser.
+WIDE_VAL = [0.65, 0.63, 0.64, 0.66, 0.64, 0.66, 0.62, 0.61, 0.60, 0.58, 0.55]
 # Distillation from the same parent: the noisy labels are dropped early and the curve is monotonic.
 DISTILL_TEST = [0.70, 0.705, 0.70, 0.70, 0.695, 0.69, 0.685, 0.68, 0.66, 0.62, 0.55]
 DISTILL_NOISY = [1.0, 0.9, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
+# IT at level 1, which is also the peak (0.705); level 4 (0.695) is exactly 0.01 below it, still sweet.
+DISTILL_PHASES = ["dense", "sweet", "sweet", "sweet", "sweet", "collapsed", "collapsed", "collapsed", "collapsed",
+                  "collapsed", "collapsed"]
 LEVELS = 10
 EPOCHS = 100
 
@@ -99,28 +111,33 @@ class Store:
                         metrics={0: start, EPOCHS: final})
 
     def chain(self, study: str, dense_id: str, width: int, test: list[float], noisy: list[float],
-              entropy: list[float], *, distill: bool = False, tags: dict[str, str] | None = None,
+              entropy: list[float], *, phases: list[str], it_level: int | None, best_level: int | None,
+              val: list[float] | None = None, distill: bool = False,
               level_runs: bool = False) -> tuple[str, dict[int, str]]:
-        """A chain run with its per-level histories (and its level runs, if asked): (chain id, level ids)."""
+        """A chain run with its per-level histories (and its level runs, if asked): (chain id, level ids).
+
+        `phases` and `it_level` are its sdd.phases / sdd.it_level tags and `best_level` the best level it
+        logs (None: no best_* metrics), all as given: the analysis must arrive at them on its own.
+        `val` defaults to test_acc - 0.01.
+        """
         prunable, other = _params(width)
+        val = val or [t - 0.01 for t in test]
         history = {}
-        for lv, (t, n, e) in enumerate(zip(test, noisy, entropy)):
+        for lv, (t, v, n, e) in enumerate(zip(test, val, noisy, entropy)):
             density = 0.8 ** lv
-            history[lv] = {"test_acc": t, "val_acc": t - 0.01, "train_acc_noisy": n, "train_acc": 0.9,
+            history[lv] = {"test_acc": t, "val_acc": v, "train_acc_noisy": n, "train_acc": 0.9,
                            "sparsity": 1 - density, "nonzero_params": round(prunable * density) + other,
                            "entropy": e, "learning_distance": 10 + lv, "learning_distance_level": 2 + 0.1 * lv}
-        val = [t - 0.01 for t in test]
-        best = max(range(1, len(test)), key=lambda i: (round(val[i], 6), history[i]["sparsity"]))
         history[LEVELS].update({"epochs_spent": LEVELS * EPOCHS, "epochs_full": LEVELS * EPOCHS, "levels_run": LEVELS,
-                                "train_flops_spent": 1e9, "train_flops_full": 1e9, "best_level": best,
-                                "best_val_acc": val[best], "best_test_acc": test[best],
-                                "best_sparsity": history[best]["sparsity"]})
-        phases = sdd_phases(test, noisy)
-        it = next((i for i, p in enumerate(phases) if p in ("sweet", "collapsed")), None)
+                                "train_flops_spent": 1e9, "train_flops_full": 1e9})
+        if best_level is not None:
+            history[LEVELS].update({"best_level": best_level, "best_val_acc": val[best_level],
+                                    "best_test_acc": test[best_level],
+                                    "best_sparsity": history[best_level]["sparsity"]})
         step = "distill" if distill else "prune"
         chain_tags = {"sdd.step": step, "sdd.dense_run_id": dense_id, "sdd.study_run_id": study,
-                      "sdd.config_hash": f"c-{dense_id}-{step}", "sdd.it_level": str(it) if it else "none",
-                      "sdd.phases": ",".join(phases), **(tags or {})}
+                      "sdd.config_hash": f"c-{dense_id}-{step}", "sdd.phases": ",".join(phases),
+                      "sdd.it_level": "none" if it_level is None else str(it_level)}
         params = {**to_flat_dict(PruneConfig(parent=dense_id, levels=LEVELS)), "dense_model": "mlp",
                   "dense_width": width, "dense_depth": 1, "dataset": "mnist1d", "noise": 0.2}
         if distill:
@@ -198,13 +215,16 @@ def world(tmp_path_factory):
     client.log_text(dense_stage, json.dumps(trials), "trials.json")
 
     vanilla0, level_ids = s.chain(study, dense_ids[64, 0.2, 0], 64, VANILLA_TEST, VANILLA_NOISY, VANILLA_ENTROPY,
-                                  level_runs=True)
+                                  phases=VANILLA_PHASES, it_level=4, best_level=6, level_runs=True)
+    # The same curve 0.005 higher: the same phases and best level.
     vanilla1, _ = s.chain(study, dense_ids[64, 0.2, 1], 64, [t + 0.005 for t in VANILLA_TEST], VANILLA_NOISY,
-                          VANILLA_ENTROPY)
+                          VANILLA_ENTROPY, phases=VANILLA_PHASES, it_level=4, best_level=6)
+    # Wrong tags (an IT at level 5, all sweet) that the analysis must report, not believe.
     wide, _ = s.chain(study, dense_ids[256, 0.2, 0], 256, WIDE_TEST, [1.0] * 11, [0.5] * 11,
-                      tags={"sdd.it_level": "5", "sdd.phases": "dense" + ",sweet" * 10})
+                      phases=["dense"] + ["sweet"] * 10, it_level=5, best_level=None, val=WIDE_VAL)
     distilled, _ = s.chain(study, dense_ids[64, 0.2, 0], 64, DISTILL_TEST, DISTILL_NOISY,
-                           [0.5 - 0.01 * lv for lv in range(11)], distill=True)
+                           [0.5 - 0.01 * lv for lv in range(11)], phases=DISTILL_PHASES, it_level=1, best_level=1,
+                           distill=True)
     prune_trials = [_trial("w64-s0", "prune", {"parent": "w64-n0.2-s0"}, vanilla0),
                     _trial("w64-s1", "prune", {"parent": "w64-n0.2-s1"}, vanilla1),
                     _trial("w256-s0", "prune", {"parent": "w256-n0.2-s0"}, wide),
@@ -264,8 +284,19 @@ def test_finds_the_phases_of_the_chain(world, summary):
     levels = pd.read_csv(world["out"] / "chain_levels.csv")
     phases = levels[levels["chain_run_id"] == world["vanilla0"]].sort_values("level")["phase"].tolist()
     assert phases == VANILLA_PHASES
-    distilled = levels[levels["chain_run_id"] == world["distilled"]].sort_values("level")["phase"].tolist()
-    assert distilled == sdd_phases(DISTILL_TEST, DISTILL_NOISY)
+    for key, expected, it_level in (("vanilla1", VANILLA_PHASES, 4), ("distilled", DISTILL_PHASES, 1),
+                                    ("wide", WIDE_PHASES, None)):
+        phases = levels[levels["chain_run_id"] == world[key]].sort_values("level")["phase"].tolist()
+        assert phases == expected, key
+        row = _chain_row(summary, world[key])
+        assert pd.isna(row["it_level"]) if it_level is None else row["it_level"] == it_level, key
+    for key in ("vanilla1", "distilled"):
+        assert bool(_chain_row(summary, world[key])["phases_match"]), key
+    row = _chain_row(summary, world["distilled"])
+    assert (row["sweet_first"], row["sweet_last"], row["collapsed_first"], row["collapsed_last"]) == (1, 4, 5, 10)
+    assert pd.isna(row["light_first"]) and pd.isna(row["critical_first"])
+    row = _chain_row(summary, world["wide"])
+    assert (row["light_first"], row["light_last"], row["critical_first"], row["critical_last"]) == (1, 3, 4, 10)
 
 
 def test_chain_without_it_and_a_wrong_tag(world, summary):
@@ -281,10 +312,16 @@ def test_best_level_and_early_stop(world, summary):
     assert (row["best_level"], row["best_test_acc"]) == (6, pytest.approx(0.73))
     assert row["best_sparsity"] == pytest.approx(1 - 0.8 ** 6)
     assert row["early_stop_level"] == 4
+    # Best val_acc up to the stop (levels 1-4: 0.69, 0.685, 0.65, 0.61), picked by the analysis itself.
+    assert (row["early_stop_best_level"], row["early_stop_best_test_acc"]) == (1, pytest.approx(0.70))
     assert row["early_stop_epochs_saved"] == pytest.approx(0.6)
     density = [0.8 ** lv for lv in range(1, LEVELS + 1)]
     assert row["early_stop_flops_saved"] == pytest.approx(1 - sum(density[:4]) / sum(density), abs=1e-5)
-    assert pd.isna(_chain_row(summary, world["wide"])["early_stop_level"])
+    wide = _chain_row(summary, world["wide"])
+    assert pd.isna(wide["early_stop_level"])
+    # No logged best level: the analysis' own pick, by val_acc (not test_acc), the tie to the sparser level.
+    assert (wide["best_level"], wide["best_test_acc"]) == (5, pytest.approx(WIDE_TEST[5]))
+    assert wide["best_sparsity"] == pytest.approx(1 - 0.8 ** 5)
 
 
 def test_every_figure_is_written_and_logged(world):

@@ -172,6 +172,24 @@ def test_starting_widths_around_the_threshold(tmp_path):
                              for r in results])
 
 
+def test_best_dense_teacher_is_the_best_val_acc_on_the_chains_data():
+    # At 20% noise width 64 has the best val_acc and width 128 the best test_acc; the 10%-noise runs
+    # beat both on val_acc but learnt other labels, so they never teach a 20%-noise chain.
+    def dense(name: str, noise: float, width: int, val_acc: float, test_acc: float) -> sweep.DenseResult:
+        return sweep.DenseResult(name * 32, {"dataset": "mnist1d", "noise": noise, "width": width, "seed": 0},
+                                 {"val_acc": val_acc, "test_acc": test_acc})
+
+    results = [dense("a", 0.2, 16, 0.60, 0.58), dense("b", 0.2, 64, 0.80, 0.70), dense("c", 0.2, 128, 0.78, 0.75),
+               dense("d", 0.1, 128, 0.90, 0.88), dense("e", 0.1, 16, 0.70, 0.92)]
+
+    def teacher(selector: str, start: sweep.DenseResult) -> str:
+        return sweep._teacher_ref(selector, sweep.Start(start, None, "at", ()), results)
+
+    assert teacher("best_dense", results[0]) == "b" * 32
+    assert teacher("best_dense:width=128", results[0]) == "c" * 32  # the options narrow the same-data runs
+    assert teacher("best_dense", results[4]) == "d" * 32
+
+
 def test_relative_data_dir_is_the_sweeps(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     study_file = write_study(tmp_path, TINY.replace("dataset: mnist1d,", "dataset: mnist1d, data_dir: data,"))
