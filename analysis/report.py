@@ -22,8 +22,9 @@ from mlflow.entities import Run
 
 from analysis.figures import FIGURES, draw_all
 from analysis.runs import load_study, resolve_study
-from analysis.summary import PHASES, RETRACE_TOLERANCE, TOLERANCE, Analysis, analyse, select
+from analysis.summary import RETRACE_TOLERANCE, TOLERANCE, Analysis, analyse, select
 from sdd.errors import UsageError
+from sdd.phases import LEVEL_PHASES
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ FLOAT_FORMAT = "%.6g"  # metrics carry no more precision; spares readers 0.42000
 INT_COLUMNS = {"it_width", "peak_err_width", "n_widths", "min_seeds", "max_seeds", "width", "dense_seed",
                "start_epoch", "dd_it_width", "levels", "it_level", "dip_level", "recovery_level", "best_level",
                "retrace_points", "early_stop_level", "early_stop_level_tag", "early_stop_best_level", "version",
-               "level", *(f"{p}_{end}" for p in PHASES for end in ("first", "last"))}
+               "level", *(f"{p}_{end}" for p in LEVEL_PHASES for end in ("first", "last"))}
 # Config keys worth showing for a missing trial, when the stage's trials do not differ in any.
 CONFIG_KEYS = ("model", "width", "depth", "noise", "seed", "criterion", "retrain", "start_epoch", "alpha",
                "temperature", "parent")
@@ -373,10 +374,10 @@ def _summary_section(a: Analysis) -> str:
               _f(t["peak_test_err"]), _seeds(t["min_seeds"], t["max_seeds"])]
              for t in a.thresholds.to_dict("records")]))
     if not a.chains.empty:
-        header = ["chain", "noise", "dense test", "IT level", *PHASES, "best level", "best test", "best sparsity",
+        header = ["chain", "noise", "dense test", "IT level", *LEVEL_PHASES, "best level", "best test", "best sparsity",
                   "tag agrees", "registered"]
         rows = [[c["label"], _noise(c["noise"]), _f(c["dense_test_acc"]), _int(c["it_level"]),
-                 *[_span(c[f"{p}_first"], c[f"{p}_last"]) for p in PHASES], _int(c["best_level"]),
+                 *[_span(c[f"{p}_first"], c[f"{p}_last"]) for p in LEVEL_PHASES], _int(c["best_level"]),
                  _f(c["best_test_acc"]), _pct(c["best_sparsity"]),
                  "no tag" if _missing(c["phases_match"]) else "yes" if c["phases_match"] else "**no**",
                  c.get("registered") or ""]

@@ -21,14 +21,14 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID as PARENT_TAG
 
-from sdd.chain import LEVEL_METRICS
 from sdd.errors import UsageError
-from sdd.tracking import PARENT_TAG
+from sdd.names import CHAIN_METRICS
+from sdd.sweep.lineage import TRIALS_ARTIFACT
 
 log = logging.getLogger(__name__)
 
-TRIALS_ARTIFACT = "trials.json"
 CHAIN_STEPS = ("prune", "distill")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 DENSE_METRICS = ("test_acc", "train_acc", "train_acc_noisy", "train_acc_clean", "val_acc", "num_params",
@@ -313,7 +313,7 @@ def _level_table(client: MlflowClient, runs: Iterable[Run]) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for run in runs:
         per_level: dict[int, dict[str, float]] = {}
-        for key in LEVEL_METRICS:
+        for key in CHAIN_METRICS:
             if key not in run.data.metrics:
                 continue
             # A resumed chain may log a level twice: the later value wins.
@@ -321,7 +321,7 @@ def _level_table(client: MlflowClient, runs: Iterable[Run]) -> pd.DataFrame:
                 per_level.setdefault(metric.step, {})[key] = metric.value
         rows.extend({"chain_run_id": run.info.run_id, "level": level, **values}
                     for level, values in sorted(per_level.items()))
-    frame = pd.DataFrame(rows, columns=["chain_run_id", "level", *LEVEL_METRICS])
+    frame = pd.DataFrame(rows, columns=["chain_run_id", "level", *CHAIN_METRICS])
     frame["density"] = 1.0 - frame["sparsity"]
     return frame
 

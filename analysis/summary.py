@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from analysis.runs import Study
 from sdd import registry
-from sdd.phases import entropy_early_stop, pruning_threshold, sdd_phases, width_threshold
+from sdd.phases import LEVEL_PHASES, best_level, entropy_early_stop, pruning_threshold, sdd_phases, width_threshold
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ TOLERANCE = 0.01
 RETRACE_TOLERANCE = 0.02
 DEFAULT_ENTROPY_DROP = 0.1
 DEFAULT_ACC_TOLERANCE = 0.02
-PHASES = ("light", "critical", "sweet", "collapsed")
 CURVE_METRICS = ("test_acc", "train_acc", "train_acc_noisy", "val_acc", "test_err", "train_err", "noisy_err")
 
 
@@ -175,7 +174,7 @@ def max_rise(test: Sequence[float]) -> float:
 
 def phase_bounds(levels: Sequence[int], phases: Sequence[str]) -> dict[str, int | None]:
     bounds: dict[str, int | None] = {}
-    for phase in PHASES:
+    for phase in LEVEL_PHASES:
         at = [lv for lv, p in zip(levels, phases) if p == phase]
         bounds[f"{phase}_first"] = at[0] if at else None
         bounds[f"{phase}_last"] = at[-1] if at else None
@@ -211,12 +210,6 @@ def retrace_gaps(nonzero: Sequence[float], test: Sequence[float], reference: pd.
 
 def _level_at(levels: Sequence[int], index: int | None) -> int | None:
     return int(levels[index]) if index is not None else None
-
-
-def _best_index(val: Sequence[float], sparsity: Sequence[float], upto: int) -> int | None:
-    """Model selection as the chain does it: best val_acc among pruned levels, ties to the sparser."""
-    candidates = range(1, min(upto, len(val) - 1) + 1)
-    return max(candidates, key=lambda i: (round(val[i], 6), round(sparsity[i], 6)), default=None)
 
 
 def chain_result(chain: dict, history: pd.DataFrame, curve: pd.DataFrame, thresholds: pd.DataFrame,
@@ -260,7 +253,7 @@ def chain_result(chain: dict, history: pd.DataFrame, curve: pd.DataFrame, thresh
         "retrace_points": len(gaps), "retrace_mean_gap": float(gaps.mean()) if len(gaps) else math.nan,
         "retrace_mean_abs_gap": float(np.abs(gaps).mean()) if len(gaps) else math.nan,
     }
-    best = _best_index(val, sparsity, len(val) - 1)
+    best = best_level(val, sparsity)
     logged_best = chain.get("best_level")
     if logged_best is not None and not math.isnan(logged_best):
         row.update(best_level=int(logged_best), best_test_acc=chain.get("best_test_acc"),
@@ -300,7 +293,7 @@ def _early_stop(chain: dict, levels: list[int], val: list[float], test: list[flo
     density = [1.0 - s for s in sparsity]
     spent, full = chain.get("epochs_spent"), chain.get("epochs_full")
     flops_spent, flops_full = chain.get("train_flops_spent"), chain.get("train_flops_full")
-    best = _best_index(val, sparsity, stop)
+    best = best_level(val, sparsity, last=stop)
     out.update(early_stop_level=levels[stop], early_stop_reason=decision.reason,
                early_stop_best_level=_level_at(levels, best),
                early_stop_best_test_acc=test[best] if best is not None else math.nan,

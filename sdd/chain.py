@@ -19,14 +19,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from sdd import faults, lifecycle, models, pruning, registry, tracking
+from sdd import faults, lifecycle, models, names, pruning, registry, retraining, tracking
 from sdd.checkpoints import check_masks_fit
 from sdd.config import DistillConfig, PruneConfig, TrainConfig, chain_hash, from_flat_dict, to_flat_dict
 from sdd.dense import StepResult, evaluate_all, nonzero_counts
 from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.errors import UsageError
 from sdd.measures import activation_entropy, forward_flops, learning_distance
-from sdd.phases import entropy_early_stop, pruning_threshold, sdd_phases
+from sdd.phases import LEVEL_PHASES, best_level, entropy_early_stop, pruning_threshold, sdd_phases
 from sdd.problem import Problem, build_model, load_problem, resolve_device
 from sdd.training import Recipe, cross_entropy, fit
 
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 
 LEVEL_RESUME_ARTIFACT = "level/resume.pt"
 
-# Metrics of a level that the chain logs per level and the analysis reads back.
-LEVEL_METRICS = ("train_acc", "train_loss", "train_acc_clean", "train_acc_noisy", "val_acc", "val_loss",
-                 "test_acc", "test_loss", "entropy", "sparsity", "nonzero_params", "learning_distance",
-                 "learning_distance_level", "pruned_train_acc", "pruned_val_acc", "pruned_test_acc")
 
 
 @dataclass
@@ -67,7 +63,7 @@ def resolve_parent(client: MlflowClient, cfg: PruneConfig) -> Parent:
         raise UsageError(f"--parent {run_id} has no saved epoch {cfg.start_epoch}; saved epochs: "
                          f"{epochs or 'none'} (train with --save-epochs)")
     rewind = None
-    if cfg.retrain == "weight_rewind":
+    if retraining.MODES[cfg.retrain].needs_rewind_weights:
         rewind = "checkpoints/init.pt" if cfg.rewind_step == 0 else f"checkpoints/step_{cfg.rewind_step}.pt"
         if rewind not in saved:
             steps = sorted(int(p.split("_")[1][:-3]) for p in saved if p.startswith("checkpoints/step_"))
@@ -142,14 +138,8 @@ class Chain:
                      if k in self.weights}
         self.rewind = (tracking.load_state_artifact(client, self.dense_id, parent.rewind_artifact)
                        if parent.rewind_artifact else None)
-        popt = parent.config.optim
-        if cfg.retrain == "finetune":
-            dense_recipe = Recipe.from_optim(popt)
-            self.recipe = Recipe.from_optim(popt, augment=parent.config.data.augment, epochs=cfg.epochs,
-                                            lr=cfg.lr or dense_recipe.final_lr(), schedule="constant")
-        else:
-            self.recipe = Recipe.from_optim(popt, augment=parent.config.data.augment, epochs=cfg.epochs,
-                                            lr=cfg.lr)
+        self.mode = retraining.MODES[cfg.retrain]
+        self.recipe = self.mode.recipe(parent.config.optim, cfg, parent.config.data.augment)
         self.loss_fn = cross_entropy
         if teacher is not None:
             self.loss_fn = distillation_loss(teacher, problem.splits.x_train, distill.alpha, distill.temperature,
@@ -204,7 +194,7 @@ class Chain:
             metrics = dict(done[resumed].data.metrics)
             history.append(metrics)
             if resumed not in logged:
-                logger.log({k: metrics[k] for k in LEVEL_METRICS if k in metrics}, resumed)
+                logger.log({k: metrics[k] for k in names.CHAIN_METRICS if k in metrics}, resumed)
         if resumed:
             masks = self._load_level(self.model, done[resumed])
             log.info("%s: levels 1-%d already finished, resuming at level %d", self.chain_id[:8], resumed, resumed + 1)
@@ -243,17 +233,18 @@ class Chain:
     def _level(self, level: int, masks, logger: tracking.MetricLogger):
         cfg, model, weights = self.cfg, self.model, self.weights
         t0 = time.monotonic()
-        generator = torch.Generator(device=self.problem.device).manual_seed(cfg.seed * 100_003 + level)
-        scores = self._scores(generator)
+        seed = retraining.level_seed(cfg.seed, level)
+        generator = torch.Generator(device=self.problem.device).manual_seed(seed)
+        scores = pruning.CRITERIA[cfg.criterion](pruning.ScoringInputs(
+            model, weights, generator, lambda: self._gradient_batches(generator)))
         masks = pruning.prune_masks(scores, masks, cfg.rate, cfg.scope, exclude=self.exclude)
         float_masks = pruning.as_float_masks(masks, weights)
         pruning.apply_masks(weights, float_masks)
         after_prune = evaluate_all(model, self.problem, self.init)
-        if cfg.retrain == "weight_rewind":
-            model.load_state_dict(self.rewind)
-        elif cfg.retrain == "reinit":
-            fresh = build_model(self.parent.config.model, self.problem, seed=cfg.seed * 100_003 + level)
-            model.load_state_dict(fresh.state_dict())
+        start = self.mode.start(self.rewind, lambda: build_model(self.parent.config.model, self.problem,
+                                                                  seed=seed).state_dict())
+        if start is not None:
+            model.load_state_dict(start)
         pruning.apply_masks(weights, float_masks)
         level_start = {k: v.detach().clone() for k, v in weights.items()}
 
@@ -290,7 +281,7 @@ class Chain:
             level_logger.log(metrics, self.recipe.epochs)  # a level run's x axis is its retraining epoch
             level_logger.flush()
             tracking.log_sparse_state(self.client, level_id, model.state_dict(), masks, "level/weights.pt")
-        logger.log({k: metrics[k] for k in LEVEL_METRICS if k in metrics}, level)
+        logger.log({k: metrics[k] for k in names.CHAIN_METRICS if k in metrics}, level)
         logger.flush()
         faults.reach(f"level-{level}-done", level_id)
         log.info("%s level %d/%d: sparsity %.4f test_acc %.4f (pruned %.4f) noisy-fit %s (%.1fs)",
@@ -299,18 +290,13 @@ class Chain:
                  metrics["level_time_s"])
         return metrics, masks
 
-    def _scores(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        if cfg.criterion == "magnitude":
-            return pruning.magnitude_scores(self.weights)
-        if cfg.criterion == "random":
-            return pruning.random_scores(self.weights, generator)
+    def _gradient_batches(self, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The training batches a data-dependent criterion scores on, in the dense run's batch size."""
         x, y = self.problem.splits.x_train, self.problem.splits.y_train
         batch = self.parent.config.optim.batch_size or len(x)
         order = torch.randperm(len(x), device=x.device, generator=generator)
-        batches = [(x[order[i:i + batch]], y[order[i:i + batch]])
-                   for i in range(0, min(len(x), batch * cfg.gradient_batches), batch)]
-        return pruning.gradient_scores(self.model, self.weights, batches, torch.nn.functional.cross_entropy)
+        return [(x[order[i:i + batch]], y[order[i:i + batch]])
+                for i in range(0, min(len(x), batch * self.cfg.gradient_batches), batch)]
 
     def _measure(self, model: torch.nn.Module, level_start: dict[str, torch.Tensor]) -> dict[str, float]:
         metrics = evaluate_all(model, self.problem, self.init)
@@ -332,7 +318,7 @@ class Chain:
         phases = sdd_phases(test, noisy, cfg.it_threshold)
         tags = {"sdd.it_level": str(it) if it is not None else "none",
                 "sdd.phases": ",".join(phases)}
-        for phase in ("light", "critical", "sweet", "collapsed"):
+        for phase in LEVEL_PHASES:
             levels = [i for i, p in enumerate(phases) if p == phase]
             if levels:
                 tags[f"sdd.phase.{phase}"] = f"{levels[0]}-{levels[-1]}"
@@ -357,8 +343,7 @@ class Chain:
             writer.writerow([i, h.get("sparsity"), h.get("nonzero_params"), h.get("test_acc"), h.get("val_acc"),
                              h.get("train_acc_noisy"), h.get("entropy"), phase])
         client.log_text(chain_id, table.getvalue(), "phases.csv")
-        best = max(range(1, len(history)), key=lambda i: (history[i].get("val_acc", -1.0), history[i]["sparsity"]),
-                   default=None)
+        best = best_level([h.get("val_acc") for h in history], [h["sparsity"] for h in history])
         if best is not None:
             summary.update({"best_level": float(best), "best_val_acc": history[best].get("val_acc", float("nan")),
                             "best_test_acc": history[best]["test_acc"], "best_sparsity": history[best]["sparsity"]})

@@ -8,17 +8,24 @@ Exit status: 0 done, 2 bad input (one line on stderr, nothing logged), 1 anythin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from analysis import cli as analysis_cli
-from sdd import bench, study, sweep
-from sdd import config as C
+from sdd import config
 from sdd.errors import UsageError
+from sdd.steps import STEPS, Step
+from sdd.sweep.run import DEFAULT_FILE
+from sdd.sweep.study_file import STAGES
+
+if TYPE_CHECKING:
+    from sdd.sweep.run import SweepOutcome
 
 log = logging.getLogger("sdd")
 
@@ -31,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 def _argtype(tp: Any) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
-            return C.parse_value(tp, text)
+            return config.parse_value(tp, text)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
     return parse
@@ -39,10 +46,10 @@ def _argtype(tp: Any) -> Callable[[str], Any]:
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
     """One `--flag` per (nested) field of `cls`; values absent from the command line keep the default."""
-    for name, (f, tp) in C.flat_fields(cls).items():
+    for name, (f, tp) in config.flat_fields(cls).items():
         if name in skip:
             continue
-        _, inner = C.is_optional(tp)
+        _, inner = config.is_optional(tp)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "type": _argtype(tp),
                                   "help": f"{f.metadata['help']} (default: {_show(f.default)})"}
         if inner is bool:
@@ -61,42 +68,53 @@ def _show(value: Any) -> str:
 
 def config_from_args(cls: type, args: argparse.Namespace, skip: Sequence[str] = ()) -> Any:
     values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "verbose", *skip)}
-    return C.from_flat_dict(cls, values)
+    return config.from_flat_dict(cls, values)
 
 
-# --- commands ---------------------------------------------------------------------------------------
+# MLproject entry points pass every parameter, an unset one as "": it means the option's default.
 
-# Each command checks its config before importing the step (torch, mlflow: seconds), so bad input
-# is answered at once.
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(C.TrainConfig, args, skip=("experiment",))
-    cfg.validate()
-    from sdd.dense import run_train
-
-    result = run_train(cfg, experiment=args.experiment)
-    _report(result.run_id, result.reused, result.metrics)
-    return 0
+def _text_or_none(text: str) -> str | None:
+    return text.strip() or None
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
-    cfg = config_from_args(C.PruneConfig, args)
-    cfg.validate()
-    from sdd.chain import run_prune
+def _choice_or_none(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+    def parse(text: str) -> str | None:
+        value = _text_or_none(text)
+        if value is not None and value not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value
+    return parse
 
-    result = run_prune(cfg)
-    _report(result.run_id, result.reused, result.metrics)
-    return 0
+
+def _flag(text: str) -> bool:
+    try:
+        return bool(config.parse_value(bool, text or "false"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
-    cfg = config_from_args(C.DistillChainConfig, args)
-    cfg.validate()
-    from sdd.chain import run_prune
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its help line, the options it adds to its parser, and what it runs."""
 
-    result = run_prune(cfg.prune, cfg.distill)
-    _report(result.run_id, result.reused, result.metrics)
-    return 0
+    help: str
+    configure_parser: Callable[[argparse.ArgumentParser], None]
+    command: Callable[[argparse.Namespace], int]
+
+
+# --- step commands ----------------------------------------------------------------------------------
+
+# A step command checks its config before its run function imports torch and mlflow (seconds), so
+# bad input is answered at once.
+
+def _step_command(step: Step) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        cfg = config_from_args(step.config_class, args, skip=("experiment",))
+        cfg.validate()
+        result = step.run(cfg, experiment=getattr(args, "experiment", None))
+        _report(result.run_id, result.reused, result.metrics)
+        return 0
+    return command
 
 
 def _report(run_id: str, reused: bool, metrics: dict[str, float]) -> None:
@@ -109,31 +127,185 @@ def _report(run_id: str, reused: bool, metrics: dict[str, float]) -> None:
     print(f"browse it: mlflow ui --backend-store-uri {tracking_uri()}")
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "train": ("train one dense model (an MLflow run)",
-              lambda p: add_config_options(p, C.TrainConfig), _cmd_train),
-    "prune": ("prune a dense run level by level, retraining in between (a chain of MLflow runs)",
-              lambda p: add_config_options(p, C.PruneConfig), _cmd_prune),
-    "distill": ("a pruning chain whose retraining distils from a teacher model",
-                lambda p: add_config_options(p, C.DistillChainConfig), _cmd_distill),
-    "sweep": (sweep.HELP, sweep.configure_parser, sweep.command),
-    "study": (study.HELP, study.configure_parser, study.command),
-    "analyze": (analysis_cli.HELP, analysis_cli.configure_parser, analysis_cli.command),
-    "bench": (bench.HELP, bench.configure_parser, bench.command),
+# --- sweep and study -------------------------------------------------------------------------------
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", type=_text_or_none, default=None,
+                   help="Ray cluster: auto, host:port (GCS) or ray://host:port (default: $RAY_ADDRESS, else a "
+                        "new local Ray)")
+    p.add_argument("--storage-path", type=_text_or_none, default=None,
+                   help="Ray Tune storage (shared folder or s3:// on multi-node clusters; overrides the file's "
+                        "storage_path; default: ~/ray_results)")
+
+
+def _configure_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="study file, e.g. sweeps/mnist1d_quick.yaml")
+    p.add_argument("--stage", type=_choice_or_none(STAGES), default=None, metavar="{" + ",".join(STAGES) + "}",
+                   help="run only this stage, inside the file's most recent study run (default: every stage)")
+    add_ray_options(p)
+    p.add_argument("--dry-run", nargs="?", const=True, default=False, type=_flag, metavar="true|false",
+                   help="print every trial with its resources and whether a finished run covers it; run nothing")
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
+    from sdd.sweep.run import dry_run, run_sweep
+
+    if args.dry_run:
+        for line in dry_run(args.file, stage=args.stage):
+            print(line)
+        if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: a dry run leaves nothing behind
+            from sdd.tracking import discard_project_run
+
+            discard_project_run()
+        return 0
+    outcome = run_sweep(args.file, stage=args.stage, address=args.address, storage_path=args.storage_path)
+    print_outcome(outcome)
+    print(f"browse the runs: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    return 0 if outcome.complete else 1
+
+
+def print_outcome(outcome: SweepOutcome) -> None:
+    for stage in outcome.stages:
+        if stage.not_run:
+            print(f"{stage.stage}: not run: {stage.not_run} (stage run {stage.run_id})")
+            continue
+        finished = sum(r["status"] == "FINISHED" for r in stage.records)
+        print(f"{stage.stage}: {finished}/{len(stage.records)} trials finished, {stage.failed} failed "
+              f"({stage.seconds:.0f}s), stage run {stage.run_id}")
+    print(f"study run {outcome.study_run_id} ({outcome.study.name})")
+
+
+def _configure_study(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", nargs="?", default=DEFAULT_FILE, type=lambda text: text.strip() or DEFAULT_FILE,
+                   help=f"study file (default: {DEFAULT_FILE})")
+    add_ray_options(p)
+    p.add_argument("--out", type=lambda text: Path(text) if text.strip() else None, default=None,
+                   help="report folder (default: reports/<study name>-<first 8 characters of the study run id>/)")
+
+
+def _study_command(args: argparse.Namespace) -> int:
+    from sdd.sweep.run import run_study
+
+    result = run_study(args.file, address=args.address, storage_path=args.storage_path, out_dir=args.out)
+    print_outcome(result.sweep)
+    minutes, seconds = divmod(int(result.seconds), 60)
+    print(f"study finished in {minutes}m{seconds:02d}s; report: {result.report.resolve()}")
+    print(f"browse the runs: mlflow ui --backend-store-uri {result.sweep.tracking_uri}")
+    return 0 if result.sweep.complete else 1
+
+
+SWEEP = Command("run a study file's stages as Ray Tune grids (dense widths, pruning and distillation chains)",
+                _configure_sweep, _sweep_command)
+STUDY = Command("run a whole study (dense width sweep, pruning and distillation chains) and write its report",
+                _configure_study, _study_command)
+
+
+# --- analyze and bench ------------------------------------------------------------------------------
+
+def _configure_analyze(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True,
+                   help="study run id (or runs:/ID), or a study run name (the newest study run of that name)")
+    p.add_argument("--out", default="",
+                   help="output folder (default, also for an empty value as MLproject passes it: "
+                        "reports/<study name>-<first 8 characters of the run id>/)")
+    p.add_argument("--it-threshold", dest="it_threshold", type=float, default=0.99,
+                   help="noisy-subset train accuracy that marks the interpolation threshold, along width and "
+                        "along pruning levels (default: 0.99)")
+
+
+def _analyze_command(args: argparse.Namespace) -> int:
+    from analysis.report import analyze_study, default_out_dir
+    from analysis.runs import resolve_study
+    from sdd.tracking import discard_project_run, get_client
+
+    client = get_client()
+    study = resolve_study(client, args.study)
+    out_dir = Path(args.out) if args.out else default_out_dir(study)
+    report = analyze_study(client, study.info.run_id, out_dir, it_threshold=args.it_threshold)
+    # The report is logged to the study run; the run `mlflow run` made for this entry point stays empty.
+    discard_project_run(client)
+    print(report.resolve())
+    return 0
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="smaller workloads and fewer repeats (a few minutes on "
+                                                        "2 cores)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's size
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="also write the figures as JSON to PATH; without PATH, print JSON instead of the table")
+    p.add_argument("--loader-workers", type=int, default=0, metavar="N",
+                   help="DataLoader workers of the baseline (default 0: on a 2-core machine workers compete "
+                        "with the training threads)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads of both sides (default 1: figures per core; on a shared machine more "
+                        "threads measure OpenMP waiting for descheduled threads more than the work)")
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    if args.loader_workers < 0:
+        raise UsageError(f"--loader-workers must be >= 0, got {args.loader_workers}")
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    # The benchmark is no part of the library: only this command imports it.
+    from sdd.bench.report import format_table
+    from sdd.bench.suite import run
+
+    report = run("tiny" if args.tiny else "quick" if args.quick else "full", workers=args.loader_workers,
+                 threads=args.threads)
+    text = json.dumps(report.as_json(), indent=1)
+    if args.json == "-":
+        print(text)
+        return 0
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(format_table(report))
+    return 0
+
+
+ANALYZE = Command("turn a study's runs into figures, tables and a report (report.md, also logged to the study run)",
+                  _configure_analyze, _analyze_command)
+BENCH = Command("time the project's fast paths against a plain PyTorch loop doing the same work (ratios)",
+                _configure_bench, _bench_command)
+
+
+def _reap_command(args: argparse.Namespace) -> int:
+    from sdd.tracking import _reap
+
+    _reap(args.uri, args.run_id)
+    return 0
+
+
+# --- the parser -------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, Command] = {
+    **{name: Command(step.help, lambda p, cls=step.config_class: add_config_options(p, cls), _step_command(step))
+       for name, step in STEPS.items()},
+    "sweep": SWEEP,
+    "study": STUDY,
+    "analyze": ANALYZE,
+    "bench": BENCH,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdd", description="Sparse double descent studies, tracked in MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, (help_text, add_options, func) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    # The metavar lists the commands a user may give; `_reap` is left out of it and of the help.
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="{" + ",".join(COMMANDS) + "}")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if name == "train":
             p.add_argument("--experiment", default=None,
                            help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME or 'sdd')")
-        add_options(p)
-        p.set_defaults(func=func)
+        cmd.configure_parser(p)
+        p.set_defaults(func=cmd.command)
+    # The detached reaper `tracking.discard_project_run` spawns (`python -m sdd _reap URI RUN_ID`).
+    reap = sub.add_parser("_reap")
+    reap.add_argument("uri")
+    reap.add_argument("run_id")
+    reap.set_defaults(func=_reap_command)
     return parser
 
 

@@ -17,15 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdd import names
 from sdd.errors import UsageError
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "multistep", "cosine")
-CRITERIA = ("magnitude", "gradient", "random")
-SCOPES = ("global", "layerwise")
-RETRAIN_MODES = ("finetune", "lr_rewind", "weight_rewind", "reinit")
-EARLY_STOPS = ("none", "entropy")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, hashed: bool = True) -> Any:
@@ -38,7 +31,7 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, hash
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = opt("mnist1d", "dataset name", choices=("mnist1d", "cifar10", "cifar100", "tinyimagenet"))
+    dataset: str = opt("mnist1d", "dataset name", choices=names.DATASETS)
     data_dir: str | None = opt(None, "folder holding cifar/tinyimagenet files (mnist1d is generated)", hashed=False)
     train_size: int | None = opt(None, "training samples (mnist1d: generated, default 4000; others: subsample)")
     test_size: int | None = opt(None, "test samples (mnist1d: generated, default 1000; others: subsample)")
@@ -46,7 +39,7 @@ class DataConfig:
     val_seed: int = opt(0, "seed of the validation split")
     data_seed: int = opt(0, "seed of dataset generation / subsampling")
     noise: float = opt(0.2, "label-noise rate on the training split, in [0, 1)")
-    noise_kind: str = opt("symmetric", "label-noise definition", choices=("symmetric", "random", "pairflip"))
+    noise_kind: str = opt("symmetric", "label-noise definition", choices=names.NOISE_KINDS)
     noise_seed: int = opt(0, "seed of the label noise")
     augment: bool = opt(False, "pad-crop and flip augmentation (images only)")
 
@@ -62,7 +55,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = opt("mlp", "model family", choices=("mlp", "cnn1d", "cnn5", "resnet18", "vgg_like"))
+    model: str = opt("mlp", "model family", choices=names.MODELS)
     width: int = opt(64, "model width (hidden units for mlp, base channels k for the CNNs)")
     depth: int = opt(1, "hidden layers (mlp) or depth (vgg_like); 1 for the others")
     maxpool: bool = opt(False, "resnet18: max-pool after the stem (DSD2 keeps it, He et al. do not)")
@@ -74,11 +67,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = opt("adam", "optimizer", choices=OPTIMIZERS)
+    optimizer: str = opt("adam", "optimizer", choices=names.OPTIMIZERS)
     lr: float = opt(1e-3, "learning rate")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(0.0, "weight decay")
-    schedule: str = opt("constant", "learning-rate schedule (stepped per epoch)", choices=SCHEDULES)
+    schedule: str = opt("constant", "learning-rate schedule (stepped per epoch)", choices=names.SCHEDULES)
     milestones: tuple[int, ...] = opt((), "multistep: epochs where the lr is multiplied by --gamma, e.g. 80,120")
     gamma: float = opt(0.1, "multistep decay factor")
     epochs: int = opt(2000, "passes over the training set (full-batch: one step each)")
@@ -121,7 +114,7 @@ class TrainConfig:
     save_epochs: tuple[int, ...] = opt((), "epochs whose weights are saved as starting checkpoints, e.g. 100,500")
     rewind_step: int = opt(0, "optimizer step whose weights are saved for weight rewinding (0 = init, always saved)")
     resume_every: int = opt(600, "seconds between resumable training checkpoints (0 = none)", hashed=False)
-    device: str = opt("auto", "device", choices=DEVICES, hashed=False)
+    device: str = opt("auto", "device", choices=names.DEVICES, hashed=False)
     force: bool = opt(False, "train again even if a finished run with the same config exists", hashed=False)
 
     def validate(self) -> None:
@@ -149,23 +142,23 @@ class PruneConfig:
     levels: int | None = opt(None, "number of pruning levels (default 20 unless --target-sparsity is given)")
     target_sparsity: float | None = opt(None, "prune until this sparsity is reached, in (0, 1)")
     rate: float = opt(0.2, "fraction of the remaining weights removed per level, in (0, 1)")
-    criterion: str = opt("magnitude", "pruning criterion", choices=CRITERIA)
-    scope: str = opt("global", "rank weights across all layers or per layer", choices=SCOPES)
+    criterion: str = opt("magnitude", "pruning criterion", choices=names.CRITERIA)
+    scope: str = opt("global", "rank weights across all layers or per layer", choices=names.SCOPES)
     keep_output_dense: bool = opt(False, "never prune the output layer")
     gradient_batches: int = opt(1, "gradient criterion: training batches over which |w * dL/dw| is summed")
-    retrain: str = opt("lr_rewind", "retraining at every level", choices=RETRAIN_MODES)
+    retrain: str = opt("lr_rewind", "retraining at every level", choices=names.RETRAIN_MODES)
     epochs: int | None = opt(None, "retraining epochs per level (default: the parent's epochs)")
     lr: float | None = opt(None, "retraining lr (default: the parent's lr; finetune: the parent's final lr)")
     rewind_step: int = opt(0, "weight_rewind: the parent's saved optimizer step to rewind to (0 = lottery ticket)")
     seed: int = opt(0, "seed of random scores, re-initialisation and batch order")
     it_threshold: float = opt(0.99, "noisy-subset train accuracy below which the interpolation regime is left")
-    early_stop: str = opt("none", "stop the chain early", choices=EARLY_STOPS)
+    early_stop: str = opt("none", "stop the chain early", choices=names.EARLY_STOPS)
     entropy_drop: float = opt(0.1, "early stop: relative entropy drop from dense that ends the plateau")
     acc_tolerance: float = opt(0.02, "early stop: tolerated val_acc drop from the best level seen")
     eval_every: int = opt(0, "evaluate every N epochs while retraining; 0 = only at the end of a level")
     register: bool = opt(True, "register the best level as sdd-<dataset>-<model>@best-sparse", hashed=False)
     resume_every: int = opt(600, "seconds between resumable checkpoints inside a level (0 = none)", hashed=False)
-    device: str = opt("auto", "device", choices=DEVICES, hashed=False)
+    device: str = opt("auto", "device", choices=names.DEVICES, hashed=False)
     force: bool = opt(False, "run again even if a finished chain with the same config exists", hashed=False)
 
     def validate(self) -> None:

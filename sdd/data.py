@@ -11,7 +11,7 @@ import logging
 import os
 import pickle
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +20,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from sdd import names
 from sdd.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("mnist1d", "cifar10", "cifar100", "tinyimagenet")
+DATASETS = names.DATASETS
 
 MNIST1D_TRAIN_SIZE = 4000
 MNIST1D_TEST_SIZE = 1000
@@ -79,24 +80,8 @@ def load_dataset(
     _check_int("val_seed", val_seed)
     _check_int("data_seed", data_seed)
 
-    if name == "mnist1d":
-        splits = _load_mnist1d(
-            MNIST1D_TRAIN_SIZE if train_size is None else train_size,
-            MNIST1D_TEST_SIZE if test_size is None else test_size,
-            val_size,
-            val_seed,
-            data_seed,
-        )
-    else:
-        if data_dir is None:
-            raise UsageError(
-                f"{name}: data_dir is required (the folder holding {_EXPECTED_LAYOUT[name]}); datasets are never downloaded"
-            )
-        root = Path(data_dir).expanduser()
-        if name == "tinyimagenet":
-            splits = _load_tinyimagenet(root, train_size, test_size, val_size, val_seed, data_seed)
-        else:
-            splits = _load_cifar(name, root, train_size, test_size, val_size, val_seed, data_seed)
+    splits = LOADERS[name](None if data_dir is None else Path(data_dir).expanduser(), train_size, test_size,
+                           val_size, val_seed, data_seed)
     logger.info(
         "%s: train %d, val %d, test %d samples, %d classes, input shape %s",
         name, len(splits.y_train), len(splits.y_val), len(splits.y_test), splits.num_classes, splits.input_shape,
@@ -473,3 +458,29 @@ def _load_tinyimagenet(
     y_pool = torch.tensor(train_labels, dtype=torch.int64)[pool_idx]
     y_test = torch.tensor(test_labels, dtype=torch.int64)[test_idx]
     return _image_splits(x_pool, y_pool, x_test, y_test, val_size, val_seed, len(wnids))
+
+
+def _generated_mnist1d(data_dir: Path | None, train_size: int | None, test_size: int | None, val_size: int,
+                       val_seed: int, data_seed: int) -> Splits:
+    return _load_mnist1d(MNIST1D_TRAIN_SIZE if train_size is None else train_size,
+                         MNIST1D_TEST_SIZE if test_size is None else test_size, val_size, val_seed, data_seed)
+
+
+def _from_files(name: str, read: Callable[..., Splits]) -> Callable[..., Splits]:
+    """A loader of a dataset read from `data_dir` (never downloaded)."""
+    def load(data_dir: Path | None, *sizes_and_seeds: Any) -> Splits:
+        if data_dir is None:
+            raise UsageError(f"{name}: data_dir is required (the folder holding {_EXPECTED_LAYOUT[name]}); "
+                             "datasets are never downloaded")
+        return read(data_dir, *sizes_and_seeds)
+    return load
+
+
+# name -> loader(data_dir, train_size, test_size, val_size, val_seed, data_seed) -> Splits
+LOADERS: dict[str, Callable[..., Splits]] = {
+    "mnist1d": _generated_mnist1d,
+    "cifar10": _from_files("cifar10", functools.partial(_load_cifar, "cifar10")),
+    "cifar100": _from_files("cifar100", functools.partial(_load_cifar, "cifar100")),
+    "tinyimagenet": _from_files("tinyimagenet", _load_tinyimagenet),
+}
+names.check_registry("dataset", DATASETS, LOADERS)

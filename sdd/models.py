@@ -22,6 +22,7 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
+from sdd import names
 from sdd.errors import UsageError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -293,3 +294,5 @@ class VGGLike(nn.Sequential):
         layers["flatten"] = nn.Flatten()
         layers["fc"] = nn.Linear(49 * in_channels, num_classes)
         super().__init__(layers)
+
+names.check_registry("model", names.MODELS, MODELS)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import numbers
+from collections.abc import Callable
 
 import torch
 
+from sdd import names
 from sdd.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-NOISE_KINDS: tuple[str, ...] = ("symmetric", "random", "pairflip")
+NOISE_KINDS = names.NOISE_KINDS
 
 
 def _validate(labels: torch.Tensor, rate: float, kind: str, num_classes: int) -> None:
@@ -49,14 +51,7 @@ def apply_label_noise(
     # A private generator keeps the noise independent of whatever else consumed the global RNG.
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     chosen = torch.randperm(n, generator=gen)[:count]
-    if kind == "symmetric":
-        # An offset in 1..C-1 is uniform over the other classes and never maps a label to itself.
-        offset = torch.randint(1, num_classes, (count,), generator=gen)
-        noisy[chosen] = (clean[chosen] + offset) % num_classes
-    elif kind == "random":
-        noisy[chosen] = torch.randint(0, num_classes, (count,), generator=gen)
-    else:  # pairflip
-        noisy[chosen] = (clean[chosen] + 1) % num_classes
+    noisy[chosen] = NOISE[kind](clean[chosen], num_classes, gen)
 
     noisy_idx = torch.nonzero(noisy != clean).flatten()
     logger.debug(
@@ -64,3 +59,22 @@ def apply_label_noise(
         kind, rate, noisy_idx.numel(), n, noisy_idx.numel() / n,
     )
     return noisy.to(device), noisy_idx.to(device)
+
+
+def _symmetric(labels: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    # An offset in 1..C-1 is uniform over the other classes and never maps a label to itself.
+    return (labels + torch.randint(1, num_classes, labels.shape, generator=gen)) % num_classes
+
+
+def _random(labels: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, num_classes, labels.shape, generator=gen)
+
+
+def _pairflip(labels: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    return (labels + 1) % num_classes
+
+
+# kind -> new labels for the chosen samples, drawn from the noise generator.
+NOISE: dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = {
+    "symmetric": _symmetric, "random": _random, "pairflip": _pairflip}
+names.check_registry("label-noise", NOISE_KINDS, NOISE)

@@ -6,10 +6,12 @@ the analysis, so a figure and a tag can never disagree about where the threshold
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 PHASES = ("dense", "light", "critical", "sweet", "collapsed")
+LEVEL_PHASES = PHASES[1:]  # the phases a pruned level can be in
 
 
 def pruning_threshold(noisy_acc: Sequence[float], threshold: float = 0.99) -> int | None:
@@ -78,3 +80,16 @@ def entropy_early_stop(entropy: Sequence[float], val_acc: Sequence[float], entro
                                    f"is {best - val_acc[i]:.4f} below the best {best:.4f}")
         best = max(best, val_acc[i])
     return None
+
+
+def selection_key(val_acc: float | None, sparsity: float) -> tuple[float, float]:
+    """Model selection: the better val_acc wins; on a tie the sparser model wins. Rounded to 6
+    decimals (far below evaluation noise) so a float-noise tie is a tie wherever it is decided."""
+    val = -math.inf if val_acc is None or math.isnan(val_acc) else round(val_acc, 6)
+    return (val, round(sparsity, 6))
+
+
+def best_level(val_acc: Sequence[float | None], sparsity: Sequence[float], last: int | None = None) -> int | None:
+    """The best pruned level (1..last, default all) of a chain whose index 0 is the dense parent."""
+    end = len(val_acc) - 1 if last is None else min(last, len(val_acc) - 1)
+    return max(range(1, end + 1), key=lambda i: selection_key(val_acc[i], sparsity[i]), default=None)

@@ -9,16 +9,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from sdd import names
 from sdd.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-CRITERIA = ("magnitude", "gradient", "random")
-SCOPES = ("global", "layerwise")
 
 Masks = dict[str, torch.Tensor]
 """Layer name -> mask of the weight's shape (bool: True keeps the weight; or float from
@@ -102,6 +101,27 @@ def gradient_scores(
     return scores
 
 
+@dataclass(frozen=True)
+class ScoringInputs:
+    """What a criterion may score from. `batches()` draws training batches (from `generator`) only
+    when called, so a criterion that needs no data leaves the random stream untouched."""
+
+    model: nn.Module
+    weights: dict[str, nn.Parameter]
+    generator: torch.Generator
+    batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+# criterion name -> scores (higher is kept) of every prunable weight
+CRITERIA: dict[str, Callable[[ScoringInputs], dict[str, torch.Tensor]]] = {
+    "magnitude": lambda inputs: magnitude_scores(inputs.weights),
+    "gradient": lambda inputs: gradient_scores(inputs.model, inputs.weights, inputs.batches(),
+                                               torch.nn.functional.cross_entropy),
+    "random": lambda inputs: random_scores(inputs.weights, inputs.generator),
+}
+names.check_registry("pruning criterion", names.CRITERIA, CRITERIA)
+
+
 def _prune_flat(scores: torch.Tensor, mask: torch.Tensor, rate: float) -> torch.Tensor:
     """New flat mask without the round(rate * remaining) lowest-scored remaining entries."""
     remaining = mask.nonzero().squeeze(1)
@@ -132,8 +152,8 @@ def prune_masks(
     the layers not in `exclude`); `layerwise` removes `rate` of each layer's remaining weights.
     Layers in `exclude` keep their mask; already-pruned weights stay pruned whatever their score.
     """
-    if scope not in SCOPES:
-        raise UsageError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if scope not in names.SCOPES:
+        raise UsageError(f"unknown pruning scope {scope!r}; choose one of {', '.join(names.SCOPES)}")
     if not 0.0 <= rate <= 1.0:
         raise UsageError(f"pruning rate must be in [0, 1], got {rate}")
     unknown = sorted(set(exclude) - set(masks))
@@ -148,15 +168,15 @@ def prune_masks(
             raise ValueError(f"scores for layer {name} are {got}, mask is {tuple(mask.shape)}")
 
     new_masks = {name: mask.to(torch.bool, copy=True) for name, mask in masks.items()}
-    names = [name for name in masks if name not in exclude]
-    if not names:
+    layers = [name for name in masks if name not in exclude]
+    if not layers:
         return new_masks
     flat = {
         name: (
             scores[name].detach().reshape(-1).to(masks[name].device),
             masks[name].reshape(-1).bool(),
         )
-        for name in names
+        for name in layers
     }
     if scope == "layerwise":
         for name, (s, m) in flat.items():
@@ -165,10 +185,10 @@ def prune_masks(
         all_scores = torch.cat([s for s, _ in flat.values()])
         all_masks = torch.cat([m for _, m in flat.values()])
         pruned = _prune_flat(all_scores, all_masks, rate)
-        for name, part in zip(names, pruned.split([m.numel() for _, m in flat.values()])):
+        for name, part in zip(layers, pruned.split([m.numel() for _, m in flat.values()])):
             new_masks[name] = part.reshape(masks[name].shape)
-    before = sum(int(masks[n].sum()) for n in names)
-    after = sum(int(new_masks[n].sum()) for n in names)
+    before = sum(int(masks[n].sum()) for n in layers)
+    after = sum(int(new_masks[n].sum()) for n in layers)
     log.debug("%s pruning removed %d of %d remaining weights", scope, before - after, before)
     return new_masks
 

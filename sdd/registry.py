@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from sdd import tracking
+from sdd.phases import selection_key
+
+if TYPE_CHECKING:  # the analysis reads the registry without importing torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +22,6 @@ ALIAS = "best-sparse"
 
 def registered_name(dataset: str, model: str) -> str:
     return f"sdd-{dataset}-{model}"
-
-
-def _rank(val_acc: float, sparsity: float) -> tuple[float, float]:
-    """Better val_acc wins; on a tie the sparser model wins."""
-    return (round(val_acc, 6), round(sparsity, 6))
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -60,11 +58,13 @@ def register_best_sparse(client: MlflowClient, model: torch.nn.Module, *, level_
     val_acc, sparsity = metrics.get("val_acc", metrics["test_acc"]), metrics["sparsity"]
     holder = current_best(client, name)
     if holder is not None:
-        held = _rank(float(holder.tags.get("val_acc", "-1")), float(holder.tags.get("sparsity", "0")))
-        if held >= _rank(val_acc, sparsity):
+        held = selection_key(float(holder.tags.get("val_acc", "-1")), float(holder.tags.get("sparsity", "0")))
+        if held >= selection_key(val_acc, sparsity):
             log.info("%s@%s (v%s, val_acc %s) is at least as good; not replaced", name, ALIAS, holder.version,
                      holder.tags.get("val_acc"))
             return None
+    from sdd import tracking
+
     run_id = level_run.info.run_id
     uri = tracking.log_model(client, run_id, model)
     _ensure_registered_model(client, name)

@@ -26,6 +26,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sdd import checkpoints
 from sdd.errors import UsageError
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_EXPERIMENT = "sdd"
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG = MLFLOW_PARENT_RUN_ID
 MAX_BATCH = 1000
 MAX_PARAM_CHARS = 6000
 PIP_REQUIREMENTS = ["torch==2.14.1", "mlflow==3.17.2", "numpy"]
@@ -231,7 +232,7 @@ def discard_project_run(client: MlflowClient | None = None) -> None:
         return
     try:
         uri = client.tracking_uri if client else tracking_uri()
-        subprocess.Popen([sys.executable, "-m", "sdd.tracking", "reap", uri, run_id], start_new_session=True,
+        subprocess.Popen([sys.executable, "-m", "sdd", "_reap", uri, run_id], start_new_session=True,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except Exception as err:  # the store may be the very thing that is wrong
         log.warning("could not remove the mlflow-run project run %s: %s", run_id, err)
@@ -462,8 +463,3 @@ def finishing(client: MlflowClient, run_id: str) -> Iterator[None]:
 
 def terminate(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status)))
-
-
-if __name__ == "__main__":  # the detached reaper of discard_project_run
-    if len(sys.argv) == 4 and sys.argv[1] == "reap":
-        _reap(sys.argv[2], sys.argv[3])

@@ -18,11 +18,11 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from analysis import cli as analysis_cli
 from analysis.figures import FIGURES
 from analysis.report import SUMMARY, analyze_study
 from analysis.summary import dd_peak, dip_and_recovery, max_rise
 from sdd import tracking
+from sdd.cli import ANALYZE as analysis_cli
 from sdd.config import PruneConfig, TrainConfig, from_flat_dict, to_flat_dict
 from sdd.errors import UsageError
 

@@ -11,7 +11,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sdd import bench
+from sdd.bench import context, loops, runs, suite
+from sdd.bench.report import Figure, Report
+from sdd.cli import BENCH as bench
 from sdd.errors import UsageError
 
 
@@ -33,7 +35,7 @@ def test_tiny_bench_produces_every_figure(tmp_path, monkeypatch, capsys):
 
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
-    size = bench.SIZES["tiny"]
+    size = context.SIZES["tiny"]
     figures = report["figures"]
     by_item = {i: [f for f in figures if f["item"] == i] for i in range(1, 7)}
     image_models = len(size.image_models)
@@ -41,7 +43,7 @@ def test_tiny_bench_produces_every_figure(tmp_path, monkeypatch, capsys):
     assert len(by_item[2]) == 2 * 3  # project and baseline masking: both MLP cases and one image model
     assert len(by_item[3]) == 2  # logging + evaluation share, log_metric vs log_batch
     assert len(by_item[4]) == 2  # speed-up with Ray up, and including its start
-    assert len(by_item[5]) == len(size.artifact_models) * len(bench.ARTIFACT_SPARSITIES)
+    assert len(by_item[5]) == len(size.artifact_models) * len(runs.ARTIFACT_SPARSITIES)
     for f in figures:
         for key in ("ratio", "a", "b"):
             assert math.isfinite(f[key]) and f[key] > 0, f
@@ -59,31 +61,31 @@ def test_tiny_bench_produces_every_figure(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_cuda_section_runs_on_the_cpu_too(tmp_path):
     """Item 6 is measured on CUDA machines only; its code runs here with bf16 autocast on the CPU."""
-    size = replace(bench.SIZES["tiny"], image_models=bench.SIZES["tiny"].image_models[:1])
-    figures = bench.precision_and_layout(bench.make_context(size, torch.device("cpu"), 0, tmp_path))
+    size = replace(context.SIZES["tiny"], image_models=context.SIZES["tiny"].image_models[:1])
+    figures = loops.precision_and_layout(context.make_context(size, torch.device("cpu"), 0, tmp_path))
     assert len(figures) == 3
     for f in figures:
         assert f.item == 6 and math.isfinite(f.ratio) and f.ratio > 0 and f.a > 0 and f.b > 0
 
 
-def _report() -> bench.Report:
-    report = bench.Report("tiny", "cpu", {"torch": "x", "cpus": 2, "threads": 2, "load_average_start": 1.0,
-                                          "load_average_end": 1.0})
-    report.figures.append(bench.Figure(5, "a model", "bytes: save_sparse / save_state dense", 0.04, 4.0, 100.0,
-                                       "bytes", target="<= 0.05"))
+def _report() -> Report:
+    report = Report("tiny", "cpu", {"torch": "x", "cpus": 2, "threads": 2, "load_average_start": 1.0,
+                                    "load_average_end": 1.0})
+    report.figures.append(Figure(5, "a model", "bytes: save_sparse / save_state dense", 0.04, 4.0, 100.0,
+                                 "bytes", target="<= 0.05"))
     report.skipped.append({"item": 6, "reason": "no CUDA device"})
     return report
 
 
 def test_json_flag_alone_prints_only_json(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "run", lambda size, workers, threads: _report())
+    monkeypatch.setattr(suite, "run", lambda size, workers, threads: _report())
     assert bench.command(_args("--quick", "--json")) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["figures"][0]["met"] is True and data["skipped"][0]["item"] == 6
 
 
 def test_json_path_writes_file_and_prints_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "run", lambda size, workers, threads: _report())
+    monkeypatch.setattr(suite, "run", lambda size, workers, threads: _report())
     path = tmp_path / "b.json"
     assert bench.command(_args("--json", str(path))) == 0
     table = capsys.readouterr().out
@@ -93,7 +95,7 @@ def test_json_path_writes_file_and_prints_table(tmp_path, monkeypatch, capsys):
 
 def test_sizes_are_chosen_by_flag(monkeypatch, capsys):
     chosen = []
-    monkeypatch.setattr(bench, "run",
+    monkeypatch.setattr(suite, "run",
                         lambda size, workers, threads: chosen.append((size, workers, threads)) or _report())
     for argv in ([], ["--quick", "--threads", "2"], ["--tiny", "--loader-workers", "2"]):
         bench.command(_args(*argv))

@@ -1,4 +1,5 @@
-"""Many writers at once into one sqlite store and into one `mlflow server`: nothing lost, nothing locked."""
+"""Many writers at once into one sqlite store and into one `mlflow server`: nothing lost, nothing locked;
+identical steps started at the same moment make one run."""
 
 import multiprocessing as mp
 import os
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import WAIT_S
 
-from sdd import registry, tracking
+from sdd import lifecycle, registry, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +34,23 @@ def _race(uri: str, index: int, barrier) -> None:
     tracking.terminate(client, run_id)
     registry._ensure_registered_model(client, "sdd-race-mlp")
     client.create_model_version("sdd-race-mlp", f"runs:/{run_id}/model", run_id=run_id)
+    # Every writer asks for the run of one and the same config at the same moment: one creates it,
+    # the others wait for it and reuse it.
+    barrier.wait()
+    one = tracking.experiment_id(client, "race-one")
+    lease = lifecycle.acquire(client, one, lifecycle.RunSpec(
+        "train", "one-config", "shared", {"sdd.step": "train", "sdd.config_hash": "one-config"},
+        adopt_project_run=False))
+    if not lease.reused:
+        with lease.running():
+            time.sleep(0.5)
 
 
 def _writer(uris: list[str], index: int, barrier, server_up, errors) -> None:
     """One writer process: races the others into each store in turn (imports are paid once)."""
     for uri in uris:
         try:
-            if uri.startswith("http") and not server_up.wait(120):
+            if uri.startswith("http") and not server_up.wait(WAIT_S):
                 raise TimeoutError("the tracking server did not come up")
             _race(uri, index, barrier)
         except BaseException as err:  # reported to the parent: a child's traceback alone would be lost
@@ -62,6 +73,9 @@ def _check(uri: str) -> None:
             assert all(m.value == pytest.approx(index + m.step / 1000) for m in history)
     assert len(client.search_registered_models("name = 'sdd-race-mlp'")) == 1
     assert len(client.search_model_versions("name = 'sdd-race-mlp'")) == WRITERS
+    (one,) = [e for e in client.search_experiments() if e.name == "race-one"]
+    assert [r.info.status for r in client.search_runs([one.experiment_id])] == ["FINISHED"]
+    assert not client.search_registered_models(f"name LIKE '{lifecycle.LOCK_PREFIX}%'")  # every lock released
 
 
 def _free_port() -> int:
@@ -70,12 +84,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_server(folder, port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                             "--default-artifact-root", str(folder / "artifacts"), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_for(server: subprocess.Popen, port: int) -> None:
+    deadline = time.time() + WAIT_S
+    while time.time() < deadline:
+        assert server.poll() is None, f"mlflow server exited ({server.returncode})"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail("mlflow server did not start")
+
+
 def test_concurrent_writers_into_sqlite_and_into_a_tracking_server(tmp_path):
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "2"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = _start_server(tmp_path, port)
     try:
         # The writers import while the server starts; they race into sqlite first, the server second.
         uris = [f"sqlite:///{tmp_path / 'mlflow.db'}", f"http://127.0.0.1:{port}"]
@@ -86,17 +116,8 @@ def test_concurrent_writers_into_sqlite_and_into_a_tracking_server(tmp_path):
         procs = [ctx.Process(target=_writer, args=(uris, i, barrier, server_up, errors)) for i in range(WRITERS)]
         for p in procs:
             p.start()
-        deadline = time.time() + WAIT_S
-        while time.time() < deadline:
-            assert server.poll() is None, f"mlflow server exited ({server.returncode})"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                server_up.set()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
+        _wait_for(server, port)
+        server_up.set()
         for p in procs:
             p.join(WAIT_S)
         failures = []
@@ -106,6 +127,52 @@ def test_concurrent_writers_into_sqlite_and_into_a_tracking_server(tmp_path):
         assert all(p.exitcode == 0 for p in procs)
         for uri in uris:
             _check(uri)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
+
+
+TINY_TRAIN = ["train", "--train-size", "300", "--test-size", "100", "--val-size", "50", "--width", "16",
+              "--epochs", "200", "--eval-every", "50", "--experiment", "twins"]
+
+
+def _twins(uri: str, args: list[str]) -> list[str]:
+    """The same `sdd` command twice at the same moment; the run id each one printed."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "sdd", *args], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=WAIT_S) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    return [out.split("run ", 1)[1].split(":")[0] for out, _ in outputs]
+
+
+def _runs_by_step(client) -> dict[str, list]:
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    out: dict[str, list] = {}
+    for run in runs:
+        out.setdefault(run.data.tags.get("sdd.step"), []).append(run)
+    return out
+
+
+def test_identical_steps_started_at_once_make_one_run(tmp_path):
+    port = _free_port()
+    server = _start_server(tmp_path, port)
+    try:
+        sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        tracking.get_client(sqlite)  # the schema exists before the twins race to use it
+        _wait_for(server, port)
+        for uri in (sqlite, f"http://127.0.0.1:{port}"):
+            client = tracking.get_client(uri)
+            dense_ids = _twins(uri, TINY_TRAIN)
+            chain_ids = _twins(uri, ["prune", "--parent", dense_ids[0], "--levels", "2", "--epochs", "50",
+                                     "--register", "false"])
+            runs = _runs_by_step(client)
+            assert dense_ids[0] == dense_ids[1] and chain_ids[0] == chain_ids[1], (uri, dense_ids, chain_ids)
+            assert [r.info.run_id for r in runs["train"]] == [dense_ids[0]], uri
+            assert [r.info.run_id for r in runs["prune"]] == [chain_ids[0]], uri
+            assert sorted(r.data.tags["sdd.level"] for r in runs["level"]) == ["1", "2"], uri
+            assert all(r.info.status == "FINISHED" for group in runs.values() for r in group), uri
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)

@@ -49,3 +49,24 @@ def test_step_entry_points_expose_every_config_field():
     project = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     for name, cls in (("train", C.TrainConfig), ("prune", C.PruneConfig), ("distill", C.DistillChainConfig)):
         assert set(C.flat_fields(cls)) <= set(project[name]["parameters"]), name
+
+
+def test_the_analysis_and_the_cli_import_no_torch():
+    # The analysis runs where torch is not needed; the CLI answers bad input before importing it.
+    import subprocess
+    import sys
+
+    for module in ("analysis.report", "sdd.cli", "sdd.steps", "sdd.names", "sdd.config"):
+        code = f"import {module}, sys; assert 'torch' not in sys.modules, '{module} imports torch'"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_registry_that_disagrees_with_its_names_fails_at_import():
+    import pytest
+
+    from sdd import names
+
+    names.check_registry("criterion", ("magnitude", "random"), {"magnitude": 1, "random": 2})
+    with pytest.raises(RuntimeError, match="criterion registry"):
+        names.check_registry("criterion", ("magnitude", "random"), {"magnitude": 1})

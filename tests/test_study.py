@@ -14,9 +14,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from analysis.runs import family_label
-from sdd import study
 from sdd.cli import build_parser
-from sdd.study_file import load_study
+from sdd.sweep import run as sweep_run
+from sdd.sweep.study_file import load_study
 from tests.test_sweep import TINY, all_runs, by_step, ray_local, sdd_main, write_study  # noqa: F401 - fixture
 
 TINY_STUDY = TINY + """
@@ -48,7 +48,7 @@ def test_tiny_study_end_to_end(ray_local, store, tmp_path, capsys):  # noqa: F81
     assert "report/report.md" in [a.path for a in client.list_artifacts(study_run.info.run_id, "report")]
     assert client.get_run(study_run.info.run_id).data.metrics["wall_time_s"] > 0
     check_report_against_runs(client, report.parent, study_run.info.run_id,
-                              study.it_threshold(load_study(path)))
+                              sweep_run.it_threshold(load_study(path)))
 
 
 # --- the report's tables against what the steps logged ------------------------------------------------
@@ -230,13 +230,13 @@ def check_report_against_runs(client: MlflowClient, report_dir: Path, study_id: 
 
 
 def test_study_threshold_follows_the_file(tmp_path):
-    assert study.it_threshold(load_study(write_study(tmp_path, TINY_STUDY))) == 0.9
+    assert sweep_run.it_threshold(load_study(write_study(tmp_path, TINY_STUDY))) == 0.9
     no_chains = write_study(tmp_path, TINY[:TINY.index("  prune:")], "dense.yaml")
-    assert study.it_threshold(load_study(no_chains)) == 0.99
+    assert sweep_run.it_threshold(load_study(no_chains)) == 0.99
 
 
 def test_default_file_and_bad_file(store, tmp_path, capsys):
-    assert build_parser().parse_args(["study"]).file == study.DEFAULT_FILE
+    assert build_parser().parse_args(["study"]).file == sweep_run.DEFAULT_FILE
     assert sdd_main("study", str(tmp_path / "missing.yaml")) == 2
     assert "sdd: error: study file" in capsys.readouterr().err
     assert all_runs(store) == []

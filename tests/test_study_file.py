@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sdd.errors import UsageError
-from sdd.study_file import AutoStart, ExplicitStart, ResourceRule, TeacherSelector, load_study, parse_teacher
+from sdd.sweep.study_file import AutoStart, ExplicitStart, ResourceRule, TeacherSelector, load_study, parse_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,9 +17,12 @@ import pytest
 from conftest import WAIT_S
 from mlflow import MlflowClient
 
-from sdd import cli, study, sweep
+from sdd import cli
 from sdd.errors import UsageError
-from sdd.study_file import load_study
+from sdd.sweep import lineage
+from sdd.sweep import plan as sweep_plan
+from sdd.sweep import run as sweep_run
+from sdd.sweep.study_file import load_study
 
 TRIAL_KEYS = {"trial", "step", "config", "run_id", "status", "reused", "error", "attempts"}
 
@@ -159,31 +162,31 @@ def test_starting_widths_around_the_threshold(tmp_path):
     grid = "[8, 16, 32, 64, 96, 128, 192, 256, 512]"
     study_file = write_study(tmp_path, TINY.replace("[8, 128]", grid).replace("threshold: 0.9", "threshold: 0.95"))
     fits = {8: 0.08, 16: 0.1, 32: 0.17, 64: 0.35, 96: 0.63, 128: 0.96, 192: 0.99, 256: 1.0, 512: 1.0}
-    results = [sweep.DenseResult(f"{w:04d}{s}".ljust(32, "0"), {"width": w, "seed": s},
-                                 {"train_acc_noisy": fits[w] + 0.01 * s}) for w in fits for s in (0, 1)]
-    starts, plan = sweep.select_starts(load_study(study_file), "prune", results)
+    results = [sweep_plan.DenseResult(f"{w:04d}{s}".ljust(32, "0"), {"width": w, "seed": s},
+                                      {"train_acc_noisy": fits[w] + 0.01 * s}) for w in fits for s in (0, 1)]
+    starts, plan = sweep_plan.select_starts(load_study(study_file), "prune", results)
     assert [(s.role, s.result.width, s.result.seed) for s in starts] == [
         ("before", 32, 0), ("below", 96, 0), ("at", 128, 0), ("above", 192, 0), ("after", 512, 0)]
     assert json.loads(plan.tags["sdd.it_widths"]) == {"all": 128}
     fits[512] = fits[256] = fits[192] = fits[128] = 0.5
     with pytest.raises(UsageError, match=r"no dense width fits the noisy labels to 0.95 \(best: 0.630 at width 96"):
-        sweep.select_starts(load_study(study_file), "prune",
-                            [sweep.DenseResult(r.run_id, r.config, {"train_acc_noisy": fits[r.width]})
-                             for r in results])
+        sweep_plan.select_starts(load_study(study_file), "prune",
+                                 [sweep_plan.DenseResult(r.run_id, r.config, {"train_acc_noisy": fits[r.width]})
+                                  for r in results])
 
 
 def test_best_dense_teacher_is_the_best_val_acc_on_the_chains_data():
     # At 20% noise width 64 has the best val_acc and width 128 the best test_acc; the 10%-noise runs
     # beat both on val_acc but learnt other labels, so they never teach a 20%-noise chain.
-    def dense(name: str, noise: float, width: int, val_acc: float, test_acc: float) -> sweep.DenseResult:
-        return sweep.DenseResult(name * 32, {"dataset": "mnist1d", "noise": noise, "width": width, "seed": 0},
-                                 {"val_acc": val_acc, "test_acc": test_acc})
+    def dense(name: str, noise: float, width: int, val_acc: float, test_acc: float) -> sweep_plan.DenseResult:
+        return sweep_plan.DenseResult(name * 32, {"dataset": "mnist1d", "noise": noise, "width": width, "seed": 0},
+                                      {"val_acc": val_acc, "test_acc": test_acc})
 
     results = [dense("a", 0.2, 16, 0.60, 0.58), dense("b", 0.2, 64, 0.80, 0.70), dense("c", 0.2, 128, 0.78, 0.75),
                dense("d", 0.1, 128, 0.90, 0.88), dense("e", 0.1, 16, 0.70, 0.92)]
 
-    def teacher(selector: str, start: sweep.DenseResult) -> str:
-        return sweep._teacher_ref(selector, sweep.Start(start, None, "at", ()), results)
+    def teacher(selector: str, start: sweep_plan.DenseResult) -> str:
+        return sweep_plan._teacher_ref(selector, sweep_plan.Start(start, None, "at", ()), results)
 
     assert teacher("best_dense", results[0]) == "b" * 32
     assert teacher("best_dense:width=128", results[0]) == "c" * 32  # the options narrow the same-data runs
@@ -193,7 +196,7 @@ def test_best_dense_teacher_is_the_best_val_acc_on_the_chains_data():
 def test_relative_data_dir_is_the_sweeps(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     study_file = write_study(tmp_path, TINY.replace("dataset: mnist1d,", "dataset: mnist1d, data_dir: data,"))
-    plan = sweep.plan_dense(sweep.Store("sqlite:///unused", None, None, "sdd"), load_study(study_file))
+    plan = sweep_plan.plan_dense(lineage.Store("sqlite:///unused", None, None, "sdd"), load_study(study_file))
     assert {t.config["data_dir"] for t in plan.trials} == {str(tmp_path / "data")}
 
 
@@ -204,7 +207,7 @@ def test_mlproject_style_empty_options_mean_defaults():
     args = cli.build_parser().parse_args(["sweep", "f.yaml", "--stage", "prune", "--dry-run"])
     assert (args.stage, args.dry_run) == ("prune", True)
     args = cli.build_parser().parse_args(["study", "", "--out", ""])
-    assert (args.file, args.out) == (study.DEFAULT_FILE, None)
+    assert (args.file, args.out) == (sweep_run.DEFAULT_FILE, None)
 
 
 def test_dry_run_creates_nothing(store, tmp_path, capsys):

@@ -44,6 +44,9 @@ a run id).
 width applies (for chains, the dense parent's width); the last rule may omit max_width.
 
 Any error is one line naming the file, the key path and what is accepted.
+
+Longer than the package's other modules (about 600 lines) on purpose: this docstring is the format's
+reference and `_Parser` checks every key it names, so a key's rule and its check stay side by side.
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sdd import config as C
+from sdd import config
 from sdd.errors import UsageError
+from sdd.steps import STEP_OF_STAGE
 
 STAGES = ("dense", "prune", "distill")
 ROLES = ("before", "below", "at", "above", "after")
@@ -75,7 +79,7 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _PLACEHOLDER_RUN = "0" * 32
 _TEACHERS = (f"{BEST_DENSE}, {BEST_DENSE}:OPTION=VALUE[,...], {PARENT}, models:/NAME@ALIAS, models:/NAME/VERSION, "
              "runs:/ID/model or a run id")
-_TRAIN_FIELDS = C.flat_fields(C.TrainConfig)
+_TRAIN_FIELDS = config.flat_fields(STEP_OF_STAGE["dense"].config_class)
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,8 @@ class TeacherSelector:
 
     where: dict[str, Any]
 
-    def accepts(self, config: dict[str, Any]) -> bool:
-        return all(show_value(config.get(k)) == show_value(v) for k, v in self.where.items())
+    def accepts(self, options: dict[str, Any]) -> bool:
+        return all(show_value(options.get(k)) == show_value(v) for k, v in self.where.items())
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,7 @@ def parse_teacher(value: str) -> TeacherSelector | str:
         name = name.strip()
         if name not in _TRAIN_FIELDS or not text.strip():
             raise ValueError(f"{part!r} is not OPTION=VALUE with a dense option")
-        where[name] = C.parse_value(_TRAIN_FIELDS[name][1], text)
+        where[name] = config.parse_value(_TRAIN_FIELDS[name][1], text)
     return TeacherSelector(where)
 
 
@@ -318,7 +322,7 @@ class _Parser:
         stage = Stage("dense", recipe, grids, self.resources(data.get("resources"), f"{key}.resources"))
         for label, point in stage.points():
             try:
-                C.from_flat_dict(C.TrainConfig, point).validate()
+                STEP_OF_STAGE["dense"].from_flat(point).validate()
             except UsageError as err:
                 raise self.fail(key, f"grid point {label or '(recipe)'}: {_plain(err)}") from None
             teacher = point.get("teacher")
@@ -331,8 +335,8 @@ class _Parser:
     def chain(self, kind: str, data: Any, dense: Stage) -> Stage:
         key = f"stages.{kind}"
         data = self.mapping(data, key, _STAGE_KEYS[kind])
-        cls = C.PruneConfig if kind == "prune" else C.DistillChainConfig
-        fields = {k: v for k, v in C.flat_fields(cls).items() if k not in CHAIN_RESERVED}
+        fields = {k: v for k, v in config.flat_fields(STEP_OF_STAGE[kind].config_class).items()
+                  if k not in CHAIN_RESERVED}
         for part in ("recipe", "grid"):
             for mapping in _mappings(data.get(part)):
                 reserved = [k for k in mapping if k in CHAIN_RESERVED]
@@ -350,7 +354,8 @@ class _Parser:
             if kind == "distill":
                 self.teacher(point.get("teacher"), f"{key} ({where})", dense)
             try:
-                chain_config(kind, point).validate()
+                # A placeholder parent: the real one is chosen when the dense stage has run.
+                STEP_OF_STAGE[kind].from_flat({**point, "parent": _PLACEHOLDER_RUN}).validate()
             except UsageError as err:
                 raise self.fail(key, f"{where}: {_plain(err)}") from None
         self.cover_widths(stage.resources, dense, f"{key}.resources")
@@ -419,7 +424,7 @@ class _Parser:
     def value(self, value: Any, key: str, spec: tuple[Any, Any]) -> Any:
         """A typed option value: a YAML value of the field's type, or text the command line would accept."""
         f, tp = spec
-        optional, inner = C.is_optional(tp)
+        optional, inner = config.is_optional(tp)
         choices = f.metadata.get("choices")
         expected = _type_name(inner, choices, optional)
         if value is None:
@@ -429,7 +434,7 @@ class _Parser:
         if isinstance(value, str) and inner is not str:
             # YAML reads 1e-4 (no dot) as text: accept what `sdd train --lr 1e-4` accepts.
             try:
-                value = C.parse_value(tp, value)
+                value = config.parse_value(tp, value)
             except ValueError:
                 raise self.fail(key, f"expected {expected}, got {value!r}") from None
             return list(value) if isinstance(value, tuple) else value
@@ -473,7 +478,7 @@ class _Parser:
         factor = self.number(data.get("control_factor", 4.0), f"{key}.control_factor", minimum=1.0, strict=True)
         seeds = data.get("seeds")
         if seeds is not None:
-            dense_seeds = dense.values("seed", C.OptimConfig().seed)
+            dense_seeds = dense.values("seed", config.OptimConfig().seed)
             if not isinstance(seeds, list) or not seeds or any(s not in dense_seeds for s in seeds):
                 raise self.fail(f"{key}.seeds", f"expected a non-empty list of dense seeds "
                                                 f"({', '.join(map(str, dense_seeds))}), got {seeds!r}")
@@ -553,19 +558,10 @@ class _Parser:
         return ResourceRule(cpu, gpu, max_width)
 
     def cover_widths(self, resources: Resources, dense: Stage, key: str) -> None:
-        widths = dense.values("width", C.ModelConfig().width)
+        widths = dense.values("width", config.ModelConfig().width)
         uncovered = [w for w in widths if resources.for_width(int(w)) is None]
         if uncovered:
             raise self.fail(key, f"no rule covers width {uncovered[0]}; end with a rule without max_width")
-
-
-def chain_config(kind: str, point: dict[str, Any], parent: str = _PLACEHOLDER_RUN,
-                 teacher: str = _PLACEHOLDER_RUN) -> Any:
-    """A chain's config from a grid point: PruneConfig, or DistillChainConfig for distill."""
-    values = {**point, "parent": parent}
-    if kind == "prune":
-        return C.from_flat_dict(C.PruneConfig, values)
-    return C.from_flat_dict(C.DistillChainConfig, {**values, "teacher": teacher})
 
 
 def _defaults() -> dict[str, Any]:

@@ -1,0 +1,75 @@
+"""The step table: every step's config class, config hash, run function, MLflow step tag and sweep stage.
+
+The CLI, the Ray trainable, the sweep's "already finished?" lookup, the chain-config builder and the
+MLproject checks all dispatch through `STEPS`; adding a step is one entry here (plus its run module).
+Importing this module is cheap (no torch, no mlflow): run functions import their module when called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sdd import config
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # the CLI command and MLproject entry point
+    stage: str  # the study-file stage whose trials run this step
+    config_class: type
+    help: str
+    # config_hash(config, teacher_run_id): the `sdd.config_hash` of the run the step would make
+    hash_config: Callable[[Any, str | None], str]
+    # run(config, tracking_uri=, experiment=, parent_run_id=, extra_tags=) -> dense.StepResult
+    run: Callable[..., Any]
+
+    @property
+    def tag(self) -> str:
+        """The `sdd.step` tag of the runs this step makes."""
+        return self.name
+
+    def config_hash(self, cfg: Any, teacher_run: str | None = None) -> str:
+        return self.hash_config(cfg, teacher_run)
+
+    def from_flat(self, values: dict[str, Any]) -> Any:
+        return config.from_flat_dict(self.config_class, values)
+
+
+def _run_train(cfg: config.TrainConfig, *, tracking_uri: str | None = None, experiment: str | None = None,
+               parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> Any:
+    from sdd.dense import run_train
+
+    return run_train(cfg, tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent_run_id,
+                     extra_tags=extra_tags)
+
+
+def _run_prune(cfg: config.PruneConfig, *, tracking_uri: str | None = None, experiment: str | None = None,
+               parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> Any:
+    """A chain goes into its dense parent's experiment, nested under that parent: `experiment` and
+    `parent_run_id` do not apply."""
+    from sdd.chain import run_prune
+
+    return run_prune(cfg, tracking_uri=tracking_uri, extra_tags=extra_tags)
+
+
+def _run_distill(cfg: config.DistillChainConfig, *, tracking_uri: str | None = None, experiment: str | None = None,
+                 parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> Any:
+    from sdd.chain import run_prune
+
+    return run_prune(cfg.prune, cfg.distill, tracking_uri=tracking_uri, extra_tags=extra_tags)
+
+
+STEPS: dict[str, Step] = {step.name: step for step in (
+    Step("train", "dense", config.TrainConfig, "train one dense model (an MLflow run)",
+         lambda cfg, teacher: config.train_hash(cfg, teacher), _run_train),
+    Step("prune", "prune", config.PruneConfig,
+         "prune a dense run level by level, retraining in between (a chain of MLflow runs)",
+         lambda cfg, teacher: config.chain_hash(cfg, cfg.parent, None, None), _run_prune),
+    Step("distill", "distill", config.DistillChainConfig,
+         "a pruning chain whose retraining distils from a teacher model",
+         lambda cfg, teacher: config.chain_hash(cfg.prune, cfg.prune.parent, cfg.distill, teacher), _run_distill),
+)}
+
+STEP_OF_STAGE: dict[str, Step] = {step.stage: step for step in STEPS.values()}
