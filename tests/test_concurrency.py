@@ -3,6 +3,7 @@ identical steps started at the same moment make one run."""
 
 import multiprocessing as mp
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -144,7 +145,8 @@ def _twins(uri: str, args: list[str]) -> list[str]:
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=WAIT_S) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
-    return [out.split("run ", 1)[1].split(":")[0] for out, _ in outputs]
+    # (Against a tracking server MLflow itself also prints a "View run ... at" line.)
+    return [re.search(r"^(?:reused finished )?run ([0-9a-f]{32}):", out, re.MULTILINE).group(1) for out, _ in outputs]
 
 
 def _runs_by_step(client) -> dict[str, list]:
