@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from analysis.figures import FIGURES, draw_all
+from analysis.html import render_html
 from analysis.runs import load_study, resolve_study
 from analysis.summary import RETRACE_TOLERANCE, TOLERANCE, Analysis, analyse, select
 from sdd.errors import UsageError
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "report"
 REPORT = "report.md"
+HTML_REPORT = "report.html"
 SUMMARY = "summary.csv"
 DENSE_TABLE = "dense_runs.csv"
 LEVEL_TABLE = "chain_levels.csv"
@@ -64,8 +66,11 @@ def analyze_study(client: MlflowClient, study_run_id: str, out_dir: Path, *, it_
     written = list(draw_all(analysis, out_dir).values())
     written += write_tables(analysis, out_dir)
     report = out_dir / REPORT
-    report.write_text(render(analysis, client), encoding="utf-8")
-    written.append(report)
+    text = render(analysis, client)
+    report.write_text(text, encoding="utf-8")
+    page = out_dir / HTML_REPORT
+    page.write_text(render_html(text, out_dir, f"Study report: {study.name}"), encoding="utf-8")
+    written += [report, page]
     for path in written:
         client.log_artifact(study.id, str(path), ARTIFACT_DIR)
     log.info("report of study %s written to %s and logged to the study run under %s/", study.id[:8], out_dir,

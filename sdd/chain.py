@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from sdd import faults, lifecycle, models, names, pruning, registry, retraining, tracking
 from sdd.checkpoints import check_masks_fit
 from sdd.config import DistillConfig, PruneConfig, TrainConfig, chain_hash, from_flat_dict, to_flat_dict
-from sdd.dense import StepResult, evaluate_all, nonzero_counts
+from sdd.dense import StepResult, evaluate_all, log_dataset_inputs, nonzero_counts
 from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.errors import UsageError
 from sdd.measures import activation_entropy, forward_flops, learning_distance
@@ -113,6 +113,7 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
                   "dense_model": m.model, "dense_width": m.width, "dense_depth": m.depth,
                   "dataset": parent.config.data.dataset, "noise": parent.config.data.noise}
         tracking.log_params(client, lease.run_id, params)
+        log_dataset_inputs(client, lease.run_id, parent.config.data, problem)
     else:
         log.info("resuming chain %s", lease.run_id)
     with lease.running():

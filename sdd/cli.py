@@ -118,13 +118,18 @@ def _step_command(step: Step) -> Callable[[argparse.Namespace], int]:
 
 
 def _report(run_id: str, reused: bool, metrics: dict[str, float]) -> None:
-    from sdd.tracking import tracking_uri
-
     keys = [k for k in ("test_acc", "val_acc", "train_acc_noisy", "sparsity") if k in metrics]
     summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
     state = "reused finished run" if reused else "run"
     print(f"{state} {run_id}: {summary}")
-    print(f"browse it: mlflow ui --backend-store-uri {tracking_uri()}")
+    print(f"browse it: {_run_link(run_id)}")
+
+
+def _run_link(run_id: str, uri: str | None = None) -> str:
+    from sdd import tracking
+
+    uri = uri or tracking.tracking_uri()
+    return tracking.ui_link(uri, tracking.get_client(uri).get_run(run_id).info.experiment_id, run_id)
 
 
 # --- sweep and study -------------------------------------------------------------------------------
@@ -160,7 +165,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
         return 0
     outcome = run_sweep(args.file, stage=args.stage, address=args.address, storage_path=args.storage_path)
     print_outcome(outcome)
-    print(f"browse the runs: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    print(f"browse the study: {_run_link(outcome.study_run_id, outcome.tracking_uri)}")
     return 0 if outcome.complete else 1
 
 
@@ -190,7 +195,8 @@ def _study_command(args: argparse.Namespace) -> int:
     print_outcome(result.sweep)
     minutes, seconds = divmod(int(result.seconds), 60)
     print(f"study finished in {minutes}m{seconds:02d}s; report: {result.report.resolve()}")
-    print(f"browse the runs: mlflow ui --backend-store-uri {result.sweep.tracking_uri}")
+    print(f"browse the study: {_run_link(result.sweep.study_run_id, result.sweep.tracking_uri)} "
+          f"(its artifacts report/report.html and report/report.md hold the report)")
     return 0 if result.sweep.complete else 1
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdd import faults, lifecycle, models, tracking
-from sdd.config import TrainConfig, to_flat_dict, train_hash
+from sdd.config import DataConfig, TrainConfig, to_flat_dict, train_hash
 from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.measures import activation_entropy, learning_distance, split_metrics
 from sdd.problem import Problem, build_model, load_problem, resolve_device
@@ -44,6 +44,23 @@ def evaluate_all(model: torch.nn.Module, problem: Problem, init: dict[str, torch
     metrics = split_metrics(model, problem.splits, problem.noisy_mask)
     metrics["learning_distance"] = learning_distance(models.prunable_weights(model), init)
     return metrics
+
+
+def log_dataset_inputs(client, run_id: str, data: DataConfig, problem: Problem) -> None:
+    """The run's splits as MLflow dataset inputs: generated (with its generator arguments) or read from
+    `data_dir`; the training split carries the labels it was trained on, noise included."""
+    generated = data.dataset == "mnist1d"
+    source = {key: value for key, value in to_flat_dict(data).items()
+              if key not in ("noise", "noise_kind", "noise_seed", "augment") and (generated or key != "data_dir")}
+    if generated:
+        source["generator"] = "mnist1d.data.make_dataset"
+    splits = problem.splits
+    noise = f"{data.noise_kind}{data.noise:g}-seed{data.noise_seed}" if data.noise else "clean"
+    tracking.log_datasets(client, run_id, "code" if generated else "local",
+                          {"tags": source} if generated else {"uri": data.data_dir, **source}, [
+        (f"{data.dataset}-train-{noise}", "training", splits.y_train),
+        (f"{data.dataset}-validation", "validation", splits.y_val),
+        (f"{data.dataset}-test", "test", splits.y_test)])
 
 
 def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: str | None = None,
@@ -96,6 +113,7 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
         logger.log({"num_params": num_params, "wrong_label_rate": problem.wrong_label_rate}, 0)
         tracking.log_state(client, run_id, {"noisy_idx": problem.noisy_idx.cpu(),
                                              "noisy_labels": problem.splits.y_train.cpu()}, "noise/noisy_idx.pt")
+        log_dataset_inputs(client, run_id, cfg.data, problem)
         tracking.log_state(client, run_id, model.state_dict(), "checkpoints/init.pt")
         logger.log({**evaluate_all(model, problem, init), **nonzero_counts(model)}, 0)
         if 0 in cfg.save_epochs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -24,9 +25,9 @@ from typing import Any, TypeVar
 import mlflow
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
 from sdd import checkpoints
 from sdd.errors import UsageError
@@ -39,6 +40,11 @@ DEFAULT_EXPERIMENT = "sdd"
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
 MAX_BATCH = 1000
 MAX_PARAM_CHARS = 6000
+# MLflow 3.17's UI opens an experiment without this tag on its GenAI overview, not on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+RUNS_VIEW = "?workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"
 PIP_REQUIREMENTS = ["torch==2.14.1", "mlflow==3.17.2", "numpy"]
 
 
@@ -92,12 +98,23 @@ def experiment_id(client: MlflowClient, name: str | None = None) -> str:
     for attempt in range(5):
         exp = client.get_experiment_by_name(name)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before sdd tagged its experiments
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             time.sleep(0.1 * (attempt + 1))  # another process created it first: read it back
     raise RuntimeError(f"could not create or find experiment {name!r}")
+
+
+def ui_link(uri: str, exp_id: str, run_id: str | None = None) -> str:
+    """Where a person browses a run (or an experiment's runs table): the tracking server's own page, or
+    for a local store the page `mlflow ui` serves, with the command that starts it."""
+    page = f"#/experiments/{exp_id}/runs" + (f"/{run_id}" if run_id else "") + RUNS_VIEW
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"{LOCAL_UI}/{page} (after `mlflow ui --backend-store-uri {uri}`)"
 
 
 def search(client: MlflowClient, exp_id: str, *, tags: Mapping[str, str] | None = None,
@@ -246,6 +263,21 @@ def _reap(uri: str, run_id: str, timeout: float = 120.0) -> None:
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, "KILLED")
     client.delete_run(run_id)
+
+
+def log_datasets(client: MlflowClient, run_id: str, source_type: str, source: Mapping[str, Any],
+                 splits: list[tuple[str, str, torch.Tensor]]) -> None:
+    """Log each split (name, context, labels) as a run input; the digest covers the source and the
+    labels, so two noise draws of the same data show as two datasets in the UI's Dataset column."""
+    source_text = json.dumps(source, sort_keys=True, default=str)
+    inputs = []
+    for name, context, labels in splits:
+        labels = labels.detach().to("cpu", torch.int64).contiguous()
+        digest = hashlib.sha256(source_text.encode() + labels.numpy().tobytes()).hexdigest()[:10]
+        dataset = Dataset(name=name, digest=digest, source_type=source_type, source=source_text,
+                          profile=json.dumps({"num_rows": len(labels)}))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    client.log_inputs(run_id, datasets=inputs)
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:

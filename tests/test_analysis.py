@@ -9,7 +9,9 @@ level, one seed, no IT, no chains) to check that every figure is still produced.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import re
 import time
 
 import pandas as pd
@@ -329,8 +331,20 @@ def test_every_figure_is_written_and_logged(world):
         data = (world["out"] / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000, name
     logged = {a.path for a in world["client"].list_artifacts(world["study"], "report")}
-    expected = {f"report/{n}" for n in [*FIGURES, "report.md", SUMMARY, "dense_runs.csv", "chain_levels.csv"]}
+    expected = {f"report/{n}" for n in [*FIGURES, "report.md", "report.html", SUMMARY, "dense_runs.csv",
+                                        "chain_levels.csv"]}
     assert expected <= logged
+
+
+def test_report_html_is_self_contained_and_shows_every_figure(world):
+    # MLflow's artifact viewer shows report.html on its own: each figure must be inside the page.
+    page = world["client"].download_artifacts(world["study"], "report/report.html", str(world["out"] / "dl"))
+    text = open(page, encoding="utf-8").read()
+    assert text.startswith("<!DOCTYPE html>") and "<table>" in text and "<h2>Headline answers</h2>" in text
+    embedded = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(embedded) == len(FIGURES)
+    for (_alt, data), name in zip(embedded, FIGURES):
+        assert base64.b64decode(data) == (world["out"] / name).read_bytes(), name
 
 
 def test_registered_model_is_named(world, summary):

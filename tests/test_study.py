@@ -43,7 +43,8 @@ def test_tiny_study_end_to_end(ray_local, store, tmp_path, capsys):  # noqa: F81
     report = Path(next(line for line in out if line.startswith("study finished in")).split("report: ")[1])
     assert report.name == "report.md" and report.is_file()
     assert report.parent == tmp_path / "reports" / f"tiny-{study_run.info.run_id[:8]}"
-    assert f"browse the runs: mlflow ui --backend-store-uri {store}" in out
+    assert "browse the study: http://127.0.0.1:5000/#/experiments/" in out and f"mlflow ui --backend-store-uri {store}" in out
+    assert "report/report.html" in out
     client = MlflowClient(store)
     assert "report/report.md" in [a.path for a in client.list_artifacts(study_run.info.run_id, "report")]
     assert client.get_run(study_run.info.run_id).data.metrics["wall_time_s"] > 0

@@ -160,3 +160,26 @@ def test_minibatch_run_killed_mid_way_is_continued_bit_for_bit(store, tmp_path):
     final, expected = (tracking.load_state_artifact(client, r, "checkpoints/final.pt")
                        for r in (run_id, reference.info.run_id))
     assert all(final[name].equal(expected[name]) for name in expected)
+
+
+def test_experiment_opens_on_the_runs_table_and_runs_log_their_splits(store):
+    # MLflow 3.17's UI opens an experiment without the kind tag on its GenAI overview.
+    first = run_train(tiny_train(epochs=5, noise_seed=1), experiment="datasets")
+    second = run_train(tiny_train(epochs=5, noise_seed=2), experiment="datasets")
+    client = tracking.get_client()
+    exp = client.get_experiment_by_name("datasets")
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    inputs = {}
+    for result in (first, second):
+        logged = client.get_run(result.run_id).inputs.dataset_inputs
+        inputs[result.run_id] = {i.tags[0].value: i.dataset for i in logged}
+        assert sorted(inputs[result.run_id]) == ["test", "training", "validation"]
+        train = inputs[result.run_id]["training"]
+        assert train.source_type == "code" and '"generator": "mnist1d.data.make_dataset"' in train.source
+        assert json.loads(train.profile)["num_rows"] == 400
+    a, b = inputs[first.run_id], inputs[second.run_id]
+    # Two noise draws of the same data: different training datasets, the same clean evaluation splits.
+    assert a["training"].digest != b["training"].digest and a["training"].name != b["training"].name
+    assert (a["test"].digest, a["validation"].digest) == (b["test"].digest, b["validation"].digest)
+    link = tracking.ui_link("http://127.0.0.1:5077", exp.experiment_id, first.run_id)
+    assert link == f"http://127.0.0.1:5077/#/experiments/{exp.experiment_id}/runs/{first.run_id}?workflowType=machine_learning"
