@@ -28,6 +28,7 @@ from sdd.errors import UsageError
 from sdd.measures import activation_entropy, forward_flops, learning_distance
 from sdd.phases import LEVEL_PHASES, best_level, entropy_early_stop, pruning_threshold, sdd_phases
 from sdd.problem import Problem, build_model, load_problem, resolve_device
+from sdd.progress import Progress
 from sdd.training import Recipe, cross_entropy, fit
 
 log = logging.getLogger(__name__)
@@ -209,11 +210,16 @@ class Chain:
         stop = self._early_stop(history)
         started = time.monotonic()
         level = resumed + 1
-        while stop is None and level <= self.levels:
-            metrics, masks = self._level(level, masks, logger)
-            history.append(metrics)
-            stop = self._early_stop(history)
-            level += 1
+        self.progress = Progress(self.levels * self.recipe.epochs, f"{self.chain_id[:8]} levels",
+                                 initial=resumed * self.recipe.epochs)
+        try:
+            while stop is None and level <= self.levels:
+                metrics, masks = self._level(level, masks, logger)
+                history.append(metrics)
+                stop = self._early_stop(history)
+                level += 1
+        finally:
+            self.progress.close()
         if level == resumed + 1:  # stopped early before the interrupted level: it is not continued
             for run in interrupted:
                 tracking.mark_killed(self.client, run)
@@ -261,10 +267,11 @@ class Chain:
         level_logger = tracking.MetricLogger(self.client, level_id, skip_through=logged)
         every = cfg.eval_every
 
-        def on_epoch(epoch: int, _loss: float) -> None:
+        def on_epoch(epoch: int, loss: float) -> None:
             if every and epoch % every == 0 and epoch != self.recipe.epochs:
                 level_logger.log(evaluate_all(model, self.problem, self.init), epoch)
             faults.reach(f"level-{level}-epoch-{epoch}", level_id)
+            self.progress.update((level - 1) * self.recipe.epochs + epoch, level=f"{level}/{self.levels}", loss=loss)
 
         def snapshot(state: dict) -> None:
             level_logger.flush()  # metrics first: a continued level skips the steps already logged

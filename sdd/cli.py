@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from sdd import config
 from sdd.errors import UsageError
-from sdd.steps import STEPS, Step
-from sdd.sweep.run import DEFAULT_FILE
-from sdd.sweep.study_file import STAGES
+from sdd.steps import STEP_OF_STAGE, STEPS, Step
+from sdd.sweep.presets import DEFAULT as DEFAULT_FILE
 
 if TYPE_CHECKING:
     from sdd.sweep.run import SweepOutcome
@@ -144,8 +143,9 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
 
 
 def _configure_sweep(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="study file, e.g. sweeps/mnist1d_quick.yaml")
-    p.add_argument("--stage", type=_choice_or_none(STAGES), default=None, metavar="{" + ",".join(STAGES) + "}",
+    p.add_argument("file", help="study file: a path, or a preset's name (see `sdd presets`), e.g. mnist1d_quick")
+    stages = tuple(STEP_OF_STAGE)
+    p.add_argument("--stage", type=_choice_or_none(stages), default=None, metavar="{" + ",".join(stages) + "}",
                    help="run only this stage, inside the file's most recent study run (default: every stage)")
     add_ray_options(p)
     p.add_argument("--dry-run", nargs="?", const=True, default=False, type=_flag, metavar="true|false",
@@ -204,6 +204,22 @@ SWEEP = Command("run a study file's stages as Ray Tune grids (dense widths, prun
                 _configure_sweep, _sweep_command)
 STUDY = Command("run a whole study (dense width sweep, pruning and distillation chains) and write its report",
                 _configure_study, _study_command)
+
+
+def _configure_presets(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _presets_command(args: argparse.Namespace) -> int:
+    from sdd.sweep import presets
+
+    for preset in presets.available():
+        print(f"{preset.name:24} {preset.description}\n{'':24} cost: {preset.cost}")
+    return 0
+
+
+PRESETS = Command("list the shipped study files (usable by name: sdd study mnist1d_quick)", _configure_presets,
+                  _presets_command)
 
 
 # --- analyze and bench ------------------------------------------------------------------------------
@@ -291,6 +307,7 @@ COMMANDS: dict[str, Command] = {
     "study": STUDY,
     "analyze": ANALYZE,
     "bench": BENCH,
+    "presets": PRESETS,
 }
 
 
@@ -316,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: bool) -> None:
+    # MLflow draws a progress bar on stderr for every artifact download once tqdm is installed: a
+    # step downloads several checkpoints, and a bad-input error must stay one line.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # MLflow warns on every pickle-format save and alembic chatters on every new store.

@@ -13,6 +13,7 @@ from sdd.config import DataConfig, TrainConfig, to_flat_dict, train_hash
 from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.measures import activation_entropy, learning_distance, split_metrics
 from sdd.problem import Problem, build_model, load_problem, resolve_device
+from sdd.progress import Progress
 from sdd.training import Recipe, cross_entropy, fit
 
 log = logging.getLogger(__name__)
@@ -129,31 +130,31 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
     recipe = Recipe.from_optim(cfg.optim, augment=cfg.data.augment)
     generator = torch.Generator(device=problem.device).manual_seed(cfg.optim.seed)
     started = time.monotonic()
-    last_report = [started]
+    progress = Progress(epochs, f"train {run_id[:8]}", initial=int(resume["epoch"]) if resume else 0)
 
     def on_step(step: int) -> None:
         if step == cfg.rewind_step and step > 0:
             tracking.log_state(client, run_id, model.state_dict(), f"checkpoints/step_{step}.pt")
 
-    def on_epoch(epoch: int, _loss: float) -> None:
+    def on_epoch(epoch: int, loss: float) -> None:
         if epoch % every == 0 and epoch != epochs:  # the final evaluation follows fit()
             logger.log(evaluate_all(model, problem, init), epoch)
         if epoch in cfg.save_epochs:
             tracking.log_state(client, run_id, model.state_dict(), f"checkpoints/epoch_{epoch}.pt")
         faults.reach(f"train-epoch-{epoch}", run_id)
-        now = time.monotonic()
-        if now - last_report[0] > 10:
-            last_report[0] = now
-            log.info("%s: epoch %d/%d (%.0fs)", run_id[:8], epoch, epochs, now - started)
+        progress.update(epoch, loss=loss)
 
     def snapshot(state: dict) -> None:
         logger.flush()  # metrics first: a resumed run skips the steps already logged
         tracking.log_training_state(client, run_id, state, RESUME_ARTIFACT)
         faults.reach(f"train-saved-{state['epoch']}", run_id)
 
-    steps = fit(model, problem.splits.x_train, problem.splits.y_train, recipe, loss_fn=loss_fn,
-                generator=generator, on_step=on_step, on_epoch=on_epoch, resume=resume, snapshot=snapshot,
-                snapshot_every=cfg.resume_every, snapshot_epochs=faults.snapshot_epochs())
+    try:
+        steps = fit(model, problem.splits.x_train, problem.splits.y_train, recipe, loss_fn=loss_fn,
+                    generator=generator, on_step=on_step, on_epoch=on_epoch, resume=resume, snapshot=snapshot,
+                    snapshot_every=cfg.resume_every, snapshot_epochs=faults.snapshot_epochs())
+    finally:
+        progress.close()
     final = evaluate_all(model, problem, init)
     final.update(activation_entropy(model, problem.splits.x_train))
     final.update(nonzero_counts(model))

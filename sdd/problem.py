@@ -63,8 +63,10 @@ def build_model(cfg: ModelConfig, problem: Problem, seed: int) -> nn.Module:
                                input_shape=problem.splits.input_shape,
                                num_classes=problem.splits.num_classes, maxpool=cfg.maxpool)
     model = model.to(problem.device)
-    # Image models train channels_last on every device: on a GPU it pairs with bf16 autocast, and on the
-    # CPU (oneDNN) `sdd bench` measured cnn5 and resnet18 (width 8) training 1.4-1.5x faster with it.
-    if len(problem.splits.input_shape) == 3:
+    # Image models train channels_last on a GPU, where it pairs with bf16 autocast. Not on the CPU: there
+    # `sdd bench` measured cnn5 and resnet18 (width 8) 1.4-1.5x faster with it, but torch 2.14.1's oneDNN
+    # backward of a resnet18 of width 2 or 4 in channels_last aborts the process ("double free or
+    # corruption") on this project's 2-core machines.
+    if len(problem.splits.input_shape) == 3 and problem.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Every local Ray runtime of the session runs without token auth (the product keeps it on): Ray keeps
 # the auth mode of the first runtime in the process, so tests must not mix the two.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# As the CLI sets it (MLflow's download bars would land in the steps' captured stderr).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # The longest an awaited event (a server up, a reaper done, a subprocess finished) may take on a machine
 # five times slower than ours; every wait ends as soon as its event happens, so this only bounds a hang.

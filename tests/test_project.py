@@ -6,7 +6,7 @@ import tomllib
 import yaml
 
 from conftest import ROOT
-from sdd import config as C
+from sdd import config
 from sdd.cli import COMMANDS, build_parser
 
 
@@ -47,8 +47,8 @@ def test_every_mlproject_entry_point_calls_the_cli_with_all_its_options():
 
 def test_step_entry_points_expose_every_config_field():
     project = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
-    for name, cls in (("train", C.TrainConfig), ("prune", C.PruneConfig), ("distill", C.DistillChainConfig)):
-        assert set(C.flat_fields(cls)) <= set(project[name]["parameters"]), name
+    for name, cls in (("train", config.TrainConfig), ("prune", config.PruneConfig), ("distill", config.DistillChainConfig)):
+        assert set(config.flat_fields(cls)) <= set(project[name]["parameters"]), name
 
 
 def test_the_analysis_and_the_cli_import_no_torch():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WAIT_S
+from conftest import WAIT_S, run_cli
 from mlflow import MlflowClient
 
 from sdd import cli
@@ -231,6 +231,23 @@ def test_every_preset_dry_runs(store, preset, capsys):
     out = capsys.readouterr().out
     assert "to run" in out and "stage dense" in out
     assert all_runs(store) == []
+
+
+def test_presets_are_found_by_name_from_any_directory(store, tmp_path):
+    # A `pip install` user has no sweeps/ folder: the presets ship inside the package.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_cli("sweep", "cifar10_resnet18", "--dry-run", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stage dense: 1 trial(s)" in done.stdout and "resnet18" in done.stdout
+    listed = run_cli("presets", cwd=elsewhere)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    shipped = sorted(p.stem for p in SWEEPS.glob("*.yaml"))
+    names = [line.split()[0] for line in listed.stdout.splitlines() if not line.startswith(" ")]
+    assert names == shipped
+    assert listed.stdout.count("cost: measured") + listed.stdout.count("cost: estimated") == len(shipped)
+    missing = run_cli("study", "no_such_preset", cwd=elsewhere)
+    assert missing.returncode == 2 and "a preset: " + ", ".join(shipped) in missing.stderr
 
 
 FAILING = """

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import run_cli, tiny_train
+from conftest import WAIT_S, run_cli, tiny_train
 from sdd import faults, models, tracking
 from sdd.checkpoints import load_state
 from sdd.cli import main
@@ -183,3 +183,37 @@ def test_experiment_opens_on_the_runs_table_and_runs_log_their_splits(store):
     assert (a["test"].digest, a["validation"].digest) == (b["test"].digest, b["validation"].digest)
     link = tracking.ui_link("http://127.0.0.1:5077", exp.experiment_id, first.run_id)
     assert link == f"http://127.0.0.1:5077/#/experiments/{exp.experiment_id}/runs/{first.run_id}?workflowType=machine_learning"
+
+
+@pytest.mark.slow
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(store, tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "sdd", "train", "--train-size", "200", "--test-size", "100", "--val-size", "50",
+            "--width", "8", "--epochs", "100", "--eval-every", "50"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    piped = subprocess.run(args + ["--seed", "1"], env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    lines = [line for line in piped.stderr.splitlines() if "sdd.progress" in line]
+    # One line per 5% of the epochs, with the loss and an ETA; no bar drawn into a log.
+    assert len(lines) == 20 and "epoch 50/100 (50%)" in piped.stderr and "ETA" in lines[0]
+    assert "\r" not in piped.stderr
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(args + ["--seed", "2"], env=env, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the process has exited
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(WAIT_S) == 0
+    text = seen.decode(errors="replace")
+    assert "epoch/s" in text or "s/epoch" in text, text[-2000:]  # tqdm's bar: rate, counts and ETA
+    assert "/100 [" in text and "sdd.progress" not in text

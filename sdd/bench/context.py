@@ -73,24 +73,26 @@ class Context:
 
 
 def _preset(size: Size, device_name: str) -> tuple[Any, dict[str, Any]]:
-    """The quick preset's dense recipe (sweeps/mnist1d_quick.yaml) at the median width of its grid, as a
-    config and as study-file options."""
-    from sdd import config as C
-    from sdd.sweep.run import DEFAULT_FILE
+    """The quick preset's dense recipe (sdd/presets/mnist1d_quick.yaml) at the median width of its grid, as
+    a config and as study-file options."""
+    from sdd import config
+    from sdd.sweep import presets
     from sdd.sweep.study_file import load_study
 
-    path = Path(__file__).resolve().parents[2] / DEFAULT_FILE  # the checkout root, above sdd/bench/
+    # The shipped file, not presets.find's: a sweeps/ folder in the working directory must not change the
+    # benchmark's workload.
+    path = presets.folder() / f"{presets.DEFAULT}{presets.SUFFIX}"
     if not path.is_file():
-        raise UsageError(f"the quick preset {path} is missing; run `sdd bench` from a source checkout")
+        raise UsageError(f"the quick preset {path} is missing from the installed package")
     dense = load_study(path).stages["dense"]
-    widths = tuple(sorted(int(w) for w in dense.values("width", C.ModelConfig().width)))
+    widths = tuple(sorted(int(w) for w in dense.values("width", config.ModelConfig().width)))
     recipe = {k: v for k, v in dense.recipe.items() if k not in ("width", "seed")}
     recipe["device"] = device_name
     for key, value in (("train_size", size.mnist_train), ("val_size", size.mnist_val),
                        ("test_size", size.mnist_test)):
         if value is not None:
             recipe[key] = value
-    cfg = C.from_flat_dict(C.TrainConfig, {**recipe, "width": widths[len(widths) // 2]})
+    cfg = config.from_flat_dict(config.TrainConfig, {**recipe, "width": widths[len(widths) // 2]})
     cfg.validate()
     return cfg, recipe
 

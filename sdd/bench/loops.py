@@ -56,7 +56,7 @@ class Workload:
 
 
 def _workloads(ctx: Context) -> list[Workload]:
-    from sdd import config as C
+    from sdd import config
 
     size, preset = ctx.size, ctx.preset
     full = replace(preset.optim, epochs=size.full_batch_epochs[0], batch_size=0)
@@ -67,11 +67,11 @@ def _workloads(ctx: Context) -> list[Workload]:
            Workload(f"{mlp} minibatch {MNIST_MINIBATCH}", ctx.problem, preset.model, mini, size.minibatch_epochs[1],
                     False, True, size.mlp_repeats)]
     images = random_images(size.images, ctx.device)
-    optim = C.OptimConfig(**IMAGE_OPTIM, epochs=size.image_epochs[0], batch_size=IMAGE_BATCH)
+    optim = config.OptimConfig(**IMAGE_OPTIM, epochs=size.image_epochs[0], batch_size=IMAGE_BATCH)
     for i, (name, width) in enumerate(size.image_models):
         # The masking cost is shown on the first image model; a second one would double the section's time.
         out.append(Workload(f"{name} w{width} {size.images} random CIFAR-shaped images, crop+flip", images,
-                            C.ModelConfig(model=name, width=width), optim, size.image_epochs[1], True, i == 0,
+                            config.ModelConfig(model=name, width=width), optim, size.image_epochs[1], True, i == 0,
                             size.repeats))
     return out
 

@@ -148,7 +148,7 @@ def _train_times(uri: str, experiment: str) -> tuple[list[float], float]:
 def sweep_speedup(ctx: Context, *, gpu: float = 0.0, item: int = 4) -> list[Figure]:
     """Item 4 (and item 6's GPU sharing): the study's trials through `sdd.sweep.run.run_sweep` on a new local
     Ray runtime, against the same trainings by `sdd.dense.run_train` in a plain loop on one core."""
-    from sdd import config as C
+    from sdd import config
     from sdd.dense import run_train
     from sdd.sweep.ray_runner import ray_runtime
     from sdd.sweep.run import run_sweep
@@ -164,7 +164,7 @@ def sweep_speedup(ctx: Context, *, gpu: float = 0.0, item: int = 4) -> list[Figu
     with torch_threads(1):
         started = time.perf_counter()
         for point in points:
-            run_train(C.from_flat_dict(C.TrainConfig, point), tracking_uri=sequential_uri, experiment=name)
+            run_train(config.from_flat_dict(config.TrainConfig, point), tracking_uri=sequential_uri, experiment=name)
         sequential = time.perf_counter() - started
     capacity = parallel_capacity()
     log.info("item %d: parallel capacity %.2f; the same %d trainings as a Ray Tune sweep", item, capacity, trials)
@@ -206,13 +206,13 @@ def sweep_speedup(ctx: Context, *, gpu: float = 0.0, item: int = 4) -> list[Figu
 
 def artifact_bytes(ctx: Context) -> list[Figure]:
     """Item 5: save_sparse of a globally magnitude-pruned model against save_state of the dense one."""
-    from sdd import checkpoints, config as C, models, pruning
+    from sdd import checkpoints, config, models, pruning
     from sdd.problem import build_model
 
     images = random_images(1, ctx.device)  # only its shapes matter: the image models are built for it
     figures = []
     for name, width in ctx.size.artifact_models:
-        model_cfg = ctx.preset.model if name == "mlp" else C.ModelConfig(model=name, width=width)
+        model_cfg = ctx.preset.model if name == "mlp" else config.ModelConfig(model=name, width=width)
         model = build_model(model_cfg, ctx.problem if name == "mlp" else images, seed=0)
         state = model.state_dict()
         dense_path = ctx.workdir / f"{name}-{model_cfg.width}-dense.pt"

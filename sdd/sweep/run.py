@@ -18,6 +18,7 @@ from typing import Any
 
 from sdd import faults
 from sdd.errors import UsageError
+from sdd.sweep import presets
 from sdd.sweep.lineage import (STARTS_ARTIFACT, TRIALS_ARTIFACT, Store, _ProjectRun, _record, find_study_run,
                                open_stage_run, open_store, open_study_run, settle_orphans)
 from sdd.sweep.plan import DenseStageNotRun, Plan, covered_trials, finished_run, plan_stage
@@ -26,7 +27,7 @@ from sdd.sweep.study_file import AutoStart, Stage, StudyFile, load_study, with_s
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FILE = "sweeps/mnist1d_quick.yaml"
+DEFAULT_FILE = presets.DEFAULT
 
 
 @dataclass
@@ -141,7 +142,7 @@ def run_sweep(path: str | Path, *, stage: str | None = None, address: str | None
     """Run a study file's stages (or one of them) under its study run; see the module docstring."""
     from sdd import tracking
 
-    study = with_storage(load_study(path), storage_path)
+    study = with_storage(load_study(presets.find(path)), storage_path)
     stages = _stages(study, stage)
     project = _ProjectRun()
     outcomes: list[StageOutcome] = []
@@ -198,7 +199,7 @@ def _stages(study: StudyFile, stage: str | None) -> list[str]:
 def dry_run(path: str | Path, *, stage: str | None = None) -> list[str]:
     """Lines describing every trial the file would run, its resources, and whether a finished run
     covers it. Creates no run, no experiment and starts no Ray."""
-    study = load_study(path)
+    study = load_study(presets.find(path))
     stages = _stages(study, stage)
     store = open_store(study.experiment, create=False)
     previous = find_study_run(store, study)

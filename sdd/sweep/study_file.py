@@ -8,6 +8,8 @@ experiment: sdd                # optional MLflow experiment name (default: $MLFL
 storage_path: /shared/ray      # optional Ray Tune storage (shared storage or s3:// on multi-node clusters)
 retries: 1                     # optional, a failed trial is run again this many times (default 1)
 max_concurrent: 4              # optional cap on trials running at once (default: as resources allow)
+description: ...               # optional, what the study shows (the study run's note in the UI)
+cost: ~3 min on 2 CPU cores    # optional, what running it takes (measured or estimated; `sdd presets`)
 stages:
   dense:                       # one dense run per grid point
     recipe: {dataset: mnist1d, model: mlp, epochs: 2000}   # any `sdd train` option, shared by all points
@@ -45,8 +47,8 @@ width applies (for chains, the dense parent's width); the last rule may omit max
 
 Any error is one line naming the file, the key path and what is accepted.
 
-Longer than the package's other modules (about 600 lines) on purpose: this docstring is the format's
-reference and `_Parser` checks every key it names, so a key's rule and its check stay side by side.
+The keys are pydantic models (`_File` down to `_Rule`: strict types, no unknown keys); the checks that
+need the dense stage run once it is parsed, and every grid point is checked by building its step config.
 """
 
 from __future__ import annotations
@@ -54,32 +56,35 @@ from __future__ import annotations
 import difflib
 import hashlib
 import itertools
-import math
 import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Optional, Union
+
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr,
+                      StringConstraints, Tag, ValidationError, create_model, model_validator)
+from pydantic_core import PydanticCustomError
 
 from sdd import config
 from sdd.errors import UsageError
 from sdd.steps import STEP_OF_STAGE
 
-STAGES = ("dense", "prune", "distill")
+STAGES = tuple(STEP_OF_STAGE)  # the stage names the step table runs
 ROLES = ("before", "below", "at", "above", "after")
 BEST_DENSE, PARENT = "best_dense", "parent"
 # Set from the starting checkpoint, never by the file.
 CHAIN_RESERVED = ("parent", "start_epoch")
-_TOP_KEYS = ("name", "description", "experiment", "storage_path", "retries", "max_concurrent", "stages")
-_STAGE_KEYS = {"dense": ("recipe", "grid", "resources"),
-               "prune": ("recipe", "grid", "resources", "start"),
-               "distill": ("recipe", "grid", "resources", "start")}
-_START_KEYS = ("select", "threshold", "control_factor", "seeds", "epoch")
-_RULE_KEYS = ("max_width", "cpu", "gpu")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _PLACEHOLDER_RUN = "0" * 32
-_TEACHERS = (f"{BEST_DENSE}, {BEST_DENSE}:OPTION=VALUE[,...], {PARENT}, models:/NAME@ALIAS, models:/NAME/VERSION, "
-             "runs:/ID/model or a run id")
+_REFERENCES = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a run id"
+_TEACHERS = f"{BEST_DENSE}, {BEST_DENSE}:OPTION=VALUE[,...], {PARENT}, {_REFERENCES}"
+_CHECKPOINT = "a mapping naming a dense checkpoint, e.g. {width: 64, noise: 0.2, seed: 0, epoch: 500}"
 _TRAIN_FIELDS = config.flat_fields(STEP_OF_STAGE["dense"].config_class)
+# Config messages spell options as flags; longest first, so --noise-kind is not read as --noise + "-kind".
+_FLAGS = sorted({n for kind in STAGES for n in config.flat_fields(STEP_OF_STAGE[kind].config_class)},
+                key=len, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,7 @@ class StudyFile:
     retries: int = 1
     max_concurrent: int | None = None
     description: str = ""
+    cost: str = ""  # what running it takes, measured or estimated (`sdd presets` shows it)
     stages: dict[str, Stage] = field(default_factory=dict)
 
     def stage_names(self) -> list[str]:
@@ -244,353 +250,358 @@ def load_study(path: str | Path) -> StudyFile:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise UsageError(f"{shown}: not valid YAML{where}: {getattr(err, 'problem', None) or 'syntax error'}") \
             from None
-    return _Parser(shown).study(data, path, text)
+    try:
+        study = _File.model_validate({"name": path.stem, **data} if isinstance(data, dict) else data)
+    except ValidationError as err:
+        raise UsageError(f"{shown}: {_one_line(err.errors()[0])}") from None
+    return StudyFile(path=path, display_path=shown, name=study.name, content_hash=content_hash(text), text=text,
+                     experiment=study.experiment, storage_path=study.storage_path, retries=study.retries,
+                     max_concurrent=study.max_concurrent, description=study.description or "",
+                     cost=study.cost or "", stages=study.stages._built)
 
 
-class _Parser:
-    def __init__(self, shown: str) -> None:
-        self.shown = shown
+# --- errors: a pydantic error as one line --------------------------------------------------------
 
-    def fail(self, key: str, message: str) -> UsageError:
-        return UsageError(f"{self.shown}: {key}: {message}" if key else f"{self.shown}: {message}")
+_EXPECTED = {"int": "an integer", "float": "a number", "finite": "a finite number", "bool": "true or false",
+             "string": "a string", "list": "a list", "dict": "a mapping"}
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
-    def mapping(self, value: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(key, f"expected a mapping with keys {', '.join(allowed)}, got {_kind(value)}")
-        unknown = [k for k in value if k not in allowed]
-        if unknown:
-            raise self.fail(f"{key}.{unknown[0]}" if key else str(unknown[0]),
-                            f"unknown key; accepted: {', '.join(allowed)}")
-        return value
 
-    def number(self, value: Any, key: str, *, minimum: float, integer: bool = False,
-               strict: bool = False) -> float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (not integer or float(value).is_integer())
-        ok = ok and (value > minimum if strict else value >= minimum)
-        if not ok:
-            what = "an integer" if integer else "a number"
-            raise self.fail(key, f"expected {what} {'>' if strict else '>='} {minimum:g}, got {value!r}")
-        return int(value) if integer else float(value)
+def _fail(message: str, at: Any = None) -> PydanticCustomError:
+    """An error in this file's wording; `at` extends the error's location (a key, or a path below it)."""
+    return PydanticCustomError("study_file", "{message}", {"message": message, "at": None if at is None else str(at)})
 
-    def text(self, value: Any, key: str) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(key, f"expected a non-empty string, got {_kind(value)}")
-        return value.strip()
 
-    def optional_text(self, value: Any, key: str) -> str | None:
-        return None if value is None else self.text(value, key)
+def _must(ok: Callable[[Any], Any], message: str, *, before: bool = False,
+          then: Callable[[Any], Any] | None = None) -> Any:
+    """A validator: `message` (`{value}`, `{kind}` filled in) unless ok(value); then `then(value)`."""
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise _fail(message.format(value=value, kind=_kind(value)))
+        return then(value) if then else value
+    return (BeforeValidator if before else AfterValidator)(check)
 
-    # --- the file -----------------------------------------------------------------------------
 
-    def study(self, data: Any, path: Path, text: str) -> StudyFile:
-        data = self.mapping(data, "", _TOP_KEYS)
-        stages_data = data.get("stages")
-        if not isinstance(stages_data, dict) or not stages_data:
-            raise self.fail("stages", f"expected a non-empty mapping of stages ({', '.join(STAGES)}), got "
-                                      f"{_kind(stages_data)}")
-        self.mapping(stages_data, "stages", STAGES)
-        name = self.text(data.get("name", path.stem), "name")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise self.fail("name", f"expected letters, digits, '_', '-' and '.', got {name!r}")
-        stages: dict[str, Stage] = {}
-        if "dense" in stages_data:
-            stages["dense"] = self.dense(stages_data["dense"])
-        for kind in ("prune", "distill"):
-            if kind in stages_data:
-                if "dense" not in stages:
-                    raise self.fail(f"stages.{kind}", "needs a dense stage in the same file: its starting "
-                                                      "checkpoints are runs of that stage")
-                stages[kind] = self.chain(kind, stages_data[kind], stages["dense"])
-        max_concurrent = data.get("max_concurrent")
-        if max_concurrent is not None:
-            max_concurrent = int(self.number(max_concurrent, "max_concurrent", minimum=1, integer=True))
-        return StudyFile(
-            path=path, display_path=self.shown, name=name, content_hash=content_hash(text), text=text,
-            experiment=self.optional_text(data.get("experiment"), "experiment"),
-            storage_path=self.optional_text(data.get("storage_path"), "storage_path"),
-            retries=int(self.number(data.get("retries", 1), "retries", minimum=0, integer=True)),
-            max_concurrent=max_concurrent,
-            description=self.optional_text(data.get("description"), "description") or "", stages=stages)
+def _one_line(err: Any) -> str:
+    """`key.path[i]: what is wrong`, from the error's location (less union tags, `<...>`) and type."""
+    ctx, kind = err.get("ctx") or {}, err["type"]
+    loc = [p for p in err["loc"] if not str(p).startswith("<")] + ([ctx["at"]] if ctx.get("at") is not None else [])
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    bound = next(((op, ctx[k]) for k, op in _BOUNDS.items() if k in ctx), None)
+    if kind == "study_file":
+        message = ctx["message"]
+    elif bound:  # the bound's type tells integer fields (ge=0) from number fields (gt=0.0)
+        message = f"expected {'an integer' if isinstance(bound[1], int) else 'a number'} {bound[0]} {bound[1]:g}"
+    elif kind.endswith("too_short"):
+        message = f"expected a non-empty {'string' if kind.startswith('string') else 'list'}"
+    else:
+        message = f"expected {_EXPECTED[kind.split('_')[0]]}" if kind.split("_")[0] in _EXPECTED else err["msg"]
+    message += f", got {_kind(err['input'])}" if message.startswith("expected") and kind != "study_file" else ""
+    return f"{path}: {message}" if path else message
 
-    # --- stages -------------------------------------------------------------------------------
 
-    def dense(self, data: Any) -> Stage:
-        key = "stages.dense"
-        data = self.mapping(data, key, _STAGE_KEYS["dense"])
-        recipe, grids = self.recipe_and_grids(data, key, _TRAIN_FIELDS)
-        stage = Stage("dense", recipe, grids, self.resources(data.get("resources"), f"{key}.resources"))
-        for label, point in stage.points():
-            try:
-                STEP_OF_STAGE["dense"].from_flat(point).validate()
-            except UsageError as err:
-                raise self.fail(key, f"grid point {label or '(recipe)'}: {_plain(err)}") from None
-            teacher = point.get("teacher")
-            if teacher is not None and not (teacher.startswith(("models:/", "runs:/")) or _RUN_ID.match(teacher)):
-                raise self.fail(key, f"grid point {label or '(recipe)'}: teacher {teacher!r}: a dense run takes "
-                                     "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a run id")
-        self.cover_widths(stage.resources, stage, f"{key}.resources")
-        return stage
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__}" if value and isinstance(value, (dict, list)) \
+        else repr(value)
 
-    def chain(self, kind: str, data: Any, dense: Stage) -> Stage:
-        key = f"stages.{kind}"
-        data = self.mapping(data, key, _STAGE_KEYS[kind])
-        fields = {k: v for k, v in config.flat_fields(STEP_OF_STAGE[kind].config_class).items()
-                  if k not in CHAIN_RESERVED}
-        for part in ("recipe", "grid"):
-            for mapping in _mappings(data.get(part)):
-                reserved = [k for k in mapping if k in CHAIN_RESERVED]
-                if reserved:
-                    raise self.fail(f"{key}.{part}.{reserved[0]}", "is set by the starting checkpoint; name "
-                                                                   "checkpoints under `start` instead")
-        recipe, grids = self.recipe_and_grids(data, key, fields)
-        if "start" not in data:
-            raise self.fail(f"{key}.start", "missing; give {select: [" + ", ".join(ROLES) + "]} or a list of "
-                                            "{width:, noise:, seed:, epoch:} naming dense checkpoints")
-        start = self.start(data["start"], f"{key}.start", dense)
-        stage = Stage(kind, recipe, grids, self.resources(data.get("resources"), f"{key}.resources"), start)
-        for label, point in stage.points():
-            where = f"grid point {label or '(recipe)'}"
-            if kind == "distill":
-                self.teacher(point.get("teacher"), f"{key} ({where})", dense)
-            try:
-                # A placeholder parent: the real one is chosen when the dense stage has run.
-                STEP_OF_STAGE[kind].from_flat({**point, "parent": _PLACEHOLDER_RUN}).validate()
-            except UsageError as err:
-                raise self.fail(key, f"{where}: {_plain(err)}") from None
-        self.cover_widths(stage.resources, dense, f"{key}.resources")
-        return stage
 
-    def teacher(self, value: Any, key: str, dense: Stage) -> None:
-        if value is None:
-            raise self.fail(key, f"no teacher; set teacher in recipe or grid: {_TEACHERS}")
-        if not isinstance(value, str):
-            raise self.fail(key, f"teacher: expected a string, got {_kind(value)}")
-        try:
-            parsed = parse_teacher(value)
-        except ValueError as err:
-            raise self.fail(key, f"teacher {value!r}: {err}") from None
-        if isinstance(parsed, TeacherSelector):
-            if not any(parsed.accepts({**_defaults(), **p}) for _, p in dense.points()):
-                raise self.fail(key, f"teacher {value!r}: no dense run of the study has these options")
-        elif not (parsed == PARENT or parsed.startswith(("models:/", "runs:/")) or _RUN_ID.match(parsed)):
-            raise self.fail(key, f"teacher {value!r}: accepted: {_TEACHERS}")
+def _plain(err: Exception) -> str:
+    """A config error as the study file spells options (width, not --width)."""
+    text = str(err)
+    for name in _FLAGS:
+        text = text.replace("--" + name.replace("_", "-"), name)
+    return text
 
-    def recipe_and_grids(self, data: dict[str, Any], key: str, fields: dict[str, tuple[Any, Any]]
-                         ) -> tuple[dict[str, Any], tuple[dict[str, tuple[Any, ...]], ...]]:
-        recipe_data = data.get("recipe") or {}
-        if not isinstance(recipe_data, dict):
-            raise self.fail(f"{key}.recipe", f"expected a mapping of options, got {_kind(recipe_data)}")
-        self.known(recipe_data, f"{key}.recipe", fields)
-        recipe = {name: self.value(v, f"{key}.recipe.{name}", fields[name]) for name, v in recipe_data.items()}
-        grid_data = data.get("grid") or {}
-        if isinstance(grid_data, list):
-            if not grid_data:
-                raise self.fail(f"{key}.grid", "expected a mapping of axes or a non-empty list of such mappings")
-            grids = tuple(self.grid(g, f"{key}.grid[{i}]", fields, recipe) for i, g in enumerate(grid_data))
-        else:
-            grids = (self.grid(grid_data, f"{key}.grid", fields, recipe),)
-        labels = [label for grid in grids for label, _ in Stage("", {}, (grid,)).points()]
-        twice = next((lb for i, lb in enumerate(labels) if lb in labels[:i]), None)
-        if twice is not None:
-            raise self.fail(f"{key}.grid", f"the point {twice} appears twice")
-        return recipe, grids
 
-    def grid(self, data: Any, key: str, fields: dict[str, tuple[Any, Any]],
-             recipe: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
+# --- the file's keys: pydantic models ----------------------------------------------------------
+
+class _Model(BaseModel):
+    """Strict types (no 'five' for an integer, no 1 for true), no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, defer_build=True)
+    _noun: ClassVar[str] = "key"
+    _what: ClassVar[str] = ""  # what a non-mapping is told is expected; default: the keys
+    _reserved: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        accepted = list(cls.model_fields)
         if not isinstance(data, dict):
-            raise self.fail(key, f"expected a mapping of option: [values], got {_kind(data)}")
-        self.known(data, key, fields)
-        grid: dict[str, tuple[Any, ...]] = {}
-        for name, values in data.items():
-            where = f"{key}.{name}"
-            if name in recipe:
-                raise self.fail(where, "is also in recipe; an option is either shared (recipe) or an axis (grid)")
-            if not isinstance(values, list) or not values:
-                raise self.fail(where, f"expected a non-empty list of values (a grid axis), got {_kind(values)}")
-            parsed = tuple(self.value(v, f"{where}[{i}]", fields[name]) for i, v in enumerate(values))
-            if len({show_value(v) for v in parsed}) != len(parsed):
-                raise self.fail(where, "lists a value twice")
-            grid[name] = parsed
-        return grid
-
-    def known(self, data: dict[str, Any], key: str, fields: dict[str, tuple[Any, Any]]) -> None:
-        for name in data:
-            if name not in fields:
-                close = difflib.get_close_matches(str(name), fields, n=1)
+            raise _fail(f"expected {cls._what or 'a mapping with keys ' + ', '.join(accepted)}, got {_kind(data)}")
+        for key in data:
+            if key in cls._reserved:
+                raise _fail("is set by the starting checkpoint; name checkpoints under `start` instead", key)
+            if key not in accepted:
+                close = difflib.get_close_matches(str(key), accepted, n=1) if cls._noun == "option" else []
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                raise self.fail(f"{key}.{name}", f"unknown option{hint}; accepted: {', '.join(fields)}")
+                raise _fail(f"unknown {cls._noun}{hint}; accepted: {', '.join(accepted)}", key)
+        return data
 
-    def value(self, value: Any, key: str, spec: tuple[Any, Any]) -> Any:
-        """A typed option value: a YAML value of the field's type, or text the command line would accept."""
-        f, tp = spec
-        optional, inner = config.is_optional(tp)
-        choices = f.metadata.get("choices")
-        expected = _type_name(inner, choices, optional)
-        if value is None:
-            if optional:
-                return None
-            raise self.fail(key, f"expected {expected}, got null")
-        if isinstance(value, str) and inner is not str:
-            # YAML reads 1e-4 (no dot) as text: accept what `sdd train --lr 1e-4` accepts.
-            try:
-                value = config.parse_value(tp, value)
-            except ValueError:
-                raise self.fail(key, f"expected {expected}, got {value!r}") from None
-            return list(value) if isinstance(value, tuple) else value
-        if inner is bool:
-            ok = isinstance(value, bool)
-        elif inner is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif inner is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            value = float(value) if ok else value
-        elif inner is str:
-            ok = isinstance(value, str) and (not choices or value in choices)
-        else:  # tuple[int, ...]
-            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        if not ok:
-            raise self.fail(key, f"expected {expected}, got {value!r}")
+
+class _Options(_Model):
+    """A step's options (a model per step, from its config's fields); `given()` in the file's order."""
+
+    _noun, _what = "option", "a mapping of options"
+    _order: tuple[str, ...] = PrivateAttr(())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_order(cls, data: Any, handler: Any) -> Any:
+        model = handler(data)
+        model._order = tuple(data)
+        return model
+
+    def given(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._order}
+
+
+class _ChainOptions(_Options):
+    _reserved = CHAIN_RESERVED
+
+
+class _Start(_Options):  # an explicit starting checkpoint: epoch and the dense options (added by _options)
+    _what = _CHECKPOINT
+    epoch: Annotated[int, Field(ge=0)] | None = None
+
+
+def _option_type(f: Any, tp: Any) -> Any:
+    """The field's type, strict; text is read as the command line reads it (YAML reads 1e-4 as text)."""
+    optional, inner = config.is_optional(tp)
+    choices = f.metadata.get("choices")
+    value: Any = inner if inner in (bool, int, float, str) else list[int]
+    if choices:
+        value = Annotated[str, _must(lambda v: v in choices, f"expected one of {', '.join(choices)}, got {{value!r}}")]
+    value = Optional[value] if optional else value
+    if inner is str:
         return value
 
-    # --- starting checkpoints and resources ---------------------------------------------------
+    def parse(text: Any) -> Any:
+        try:
+            parsed = config.parse_value(tp, text) if isinstance(text, str) else text
+        except ValueError:
+            return text  # the strict type says what is expected
+        return list(parsed) if isinstance(parsed, tuple) else parsed
+    return Annotated[value, BeforeValidator(parse)]
 
-    def start(self, data: Any, key: str, dense: Stage) -> AutoStart | tuple[ExplicitStart, ...]:
-        if isinstance(data, dict):
-            return self.auto_start(data, key, dense)
-        if not isinstance(data, list) or not data:
-            raise self.fail(key, "expected {select: [...]} or a non-empty list of {width:, noise:, seed:, epoch:}")
-        starts = tuple(self.explicit_start(item, f"{key}[{i}]", dense) for i, item in enumerate(data))
-        labels = [(s.label(), s.epoch) for s in starts]
-        twice = next((i for i, lb in enumerate(labels) if lb in labels[:i]), None)
-        if twice is not None:
-            raise self.fail(f"{key}[{twice}]", "names the same checkpoint as an earlier entry")
-        return starts
 
-    def auto_start(self, data: dict[str, Any], key: str, dense: Stage) -> AutoStart:
-        self.mapping(data, key, _START_KEYS)
-        roles = data.get("select", list(ROLES))
-        if not isinstance(roles, list) or not roles or any(r not in ROLES for r in roles):
-            raise self.fail(f"{key}.select", f"expected a non-empty list of: {', '.join(ROLES)}, got {roles!r}")
-        threshold = self.number(data.get("threshold", 0.99), f"{key}.threshold", minimum=0.0, strict=True)
-        if threshold > 1:
-            raise self.fail(f"{key}.threshold", f"expected a noisy-subset accuracy in (0, 1], got {threshold:g}")
-        factor = self.number(data.get("control_factor", 4.0), f"{key}.control_factor", minimum=1.0, strict=True)
-        seeds = data.get("seeds")
-        if seeds is not None:
-            dense_seeds = dense.values("seed", config.OptimConfig().seed)
-            if not isinstance(seeds, list) or not seeds or any(s not in dense_seeds for s in seeds):
-                raise self.fail(f"{key}.seeds", f"expected a non-empty list of dense seeds "
-                                                f"({', '.join(map(str, dense_seeds))}), got {seeds!r}")
-            seeds = tuple(seeds)
-        epoch = data.get("epoch")
-        if epoch is not None:
-            epoch = int(self.number(epoch, f"{key}.epoch", minimum=0, integer=True))
-            self.saved(epoch, [p for _, p in dense.points()], f"{key}.epoch")
-        return AutoStart(tuple(dict.fromkeys(roles)), threshold, factor, seeds, epoch)
+_AXIS = _must(lambda v: isinstance(v, list) and v, "expected a non-empty list of values (a grid axis), got {kind}",
+              before=True)
 
-    def explicit_start(self, item: Any, key: str, dense: Stage) -> ExplicitStart:
-        if not isinstance(item, dict) or not item or set(item) == {"epoch"}:
-            raise self.fail(key, "expected a mapping naming a dense checkpoint, e.g. {width: 64, noise: 0.2, "
-                                 "seed: 0, epoch: 500}")
-        match: dict[str, Any] = {}
-        for name, value in item.items():
-            if name == "epoch":
-                continue
-            if name not in _TRAIN_FIELDS:
-                raise self.fail(f"{key}.{name}", "unknown key; accepted: epoch and the dense stage's options "
-                                                 "(width, noise, seed, ...)")
-            value = self.value(value, f"{key}.{name}", _TRAIN_FIELDS[name])
+
+def _options(name: str, base: type[_Options], kind: str, *, axis: bool) -> Any:
+    fields = {}
+    for option, (f, tp) in config.flat_fields(STEP_OF_STAGE[kind].config_class).items():
+        value = _option_type(f, tp)
+        if axis:
+            value = Annotated[list[value], _AXIS, _must(lambda v: len(set(map(show_value, v))) == len(v),
+                                                          "lists a value twice")]
+        if option not in CHAIN_RESERVED:
+            fields[option] = (value, None)
+    with warnings.catch_warnings():  # PruneConfig.register shadows ABCMeta.register: harmless
+        warnings.filterwarnings("ignore", message='Field name "register"')
+        return create_model(name, __base__=base, **fields)
+
+
+def _one_or_list(one: Any, item: Any) -> Any:
+    """`one` for a mapping, else a non-empty list of `item`; error locations name no union member."""
+    return Annotated[Union[Annotated[one, Tag("<mapping>")], Annotated[list[item], Field(min_length=1), Tag("<list>")]],
+                     Discriminator(lambda v: "<list>" if isinstance(v, list) else "<mapping>")]
+
+
+class _Rule(_Model):
+    max_width: Annotated[int, Field(ge=1)] | None = None
+    cpu: Annotated[float, Field(gt=0.0)] = 1.0
+    gpu: Annotated[float, Field(ge=0.0), _must(lambda g: g <= 1 or g.is_integer(), "fractions share one GPU "
+                                               "(gpu < 1); above 1 give a whole number, got {value:g}")] = 0.0
+
+
+def _resources(value: _Rule | list[_Rule]) -> Resources:
+    if isinstance(value, _Rule) and value.max_width is not None:
+        raise _fail("only allowed in a list of rules", "max_width")
+    rules = [value] if isinstance(value, _Rule) else value
+    bounds = [r.max_width for r in rules]
+    if None in bounds[:-1]:
+        raise _fail("only the last rule may omit max_width")
+    numeric = [b for b in bounds if b is not None]
+    if numeric != sorted(set(numeric)):
+        raise _fail(f"rules must have increasing max_width, got {numeric}")
+    return Resources(tuple(ResourceRule(r.cpu, r.gpu, r.max_width) for r in rules))
+
+
+class _Auto(_Model):
+    select: Annotated[tuple[str, ...], _must(
+        lambda v: isinstance(v, list) and v and all(r in ROLES for r in v),
+        f"expected a non-empty list of: {', '.join(ROLES)}, got {{value!r}}", before=True,
+        then=lambda v: tuple(dict.fromkeys(v)))] = ROLES
+    threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.99
+    control_factor: Annotated[float, Field(gt=1.0)] = 4.0
+    seeds: Annotated[list[int], Field(min_length=1)] | None = None
+    epoch: Annotated[int, Field(ge=0)] | None = None
+
+
+class _Stage(_Model):
+    """A stage's keys; `recipe`, `grid` (and `start`) are added per stage by `_stage_model`."""
+
+    def stage(self, kind: str) -> Stage:
+        grids = self.grid if isinstance(self.grid, list) else [self.grid]
+        return Stage(kind, self.recipe.given() if self.recipe else {},
+                     tuple({k: tuple(v) for k, v in g.given().items()} if g else {} for g in grids),
+                     self.resources or Resources())
+
+    @model_validator(mode="after")
+    def _distinct_points(self) -> _Stage:
+        stage = self.stage("")
+        for i, grid in enumerate(stage.grids):
+            for key in (k for k in grid if k in stage.recipe):
+                raise _fail("is also in recipe; an option is either shared (recipe) or an axis (grid)",
+                            f"grid[{i}].{key}" if isinstance(self.grid, list) else f"grid.{key}")
+        labels = [label for grid in stage.grids for label, _ in replace(stage, grids=(grid,)).points()]
+        for twice in (lb for i, lb in enumerate(labels) if lb in labels[:i]):
+            raise _fail(f"the point {twice} appears twice", "grid")
+        return self
+
+
+def _stage_model(kind: str) -> Any:
+    base, name = (_Options if kind == "dense" else _ChainOptions), kind.title()
+    grid = _options(f"_{name}Grid", base, kind, axis=True)
+    fields: dict[str, Any] = {
+        "recipe": (Optional[_options(f"_{name}Recipe", base, kind, axis=False)], None),
+        "grid": (Optional[_one_or_list(grid, grid)], None),
+        "resources": (Optional[Annotated[_one_or_list(_Rule, _Rule), AfterValidator(_resources)]], None)}
+    if kind != "dense":
+        fields["start"] = (Optional[_one_or_list(_Auto, _options("_Explicit", _Start, "dense", axis=False))], None)
+    return create_model(f"_{name}", __base__=_Stage, **fields)
+
+
+_Dense, _Prune, _Distill = (_stage_model(kind) for kind in STAGES)
+
+
+class _Stages(_Model):
+    dense: _Dense = None  # absent, not null
+    prune: _Prune = None
+    distill: _Distill = None
+    _built: dict[str, Stage] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _with_dense(self) -> _Stages:
+        """The checks that need the dense stage: starting checkpoints, teachers, resources for its widths."""
+        chains = [kind for kind in STAGES[1:] if getattr(self, kind) is not None]
+        if self.dense is None:
+            raise _fail("needs a dense stage in the same file: its starting checkpoints are runs of that stage",
+                        chains[0])
+        for kind in ("dense", *chains):
+            raw, at = getattr(self, kind), f"{kind}.start"
+            stage = raw.stage(kind)
+            dense = self._built.setdefault("dense", stage)
+            if kind != "dense" and raw.start is None:
+                raise _fail(f"missing; give {{select: [{', '.join(ROLES)}]}} or a list of "
+                            "{width:, noise:, seed:, epoch:} naming dense checkpoints", at)
+            if kind != "dense":
+                stage = replace(stage, start=_auto_start(raw.start, at, dense) if isinstance(raw.start, _Auto)
+                                else _explicit_starts(raw.start, at, dense))
+            _check_points(stage, dense)
+            for width in dense.values("width", config.ModelConfig().width):
+                if stage.resources.for_width(int(width)) is None:
+                    raise _fail(f"no rule covers width {width}; end with a rule without max_width", f"{kind}.resources")
+            self._built[kind] = stage
+        return self
+
+
+def _check_points(stage: Stage, dense: Stage) -> None:
+    """Every grid point builds a valid step config (the config's own checks), with a usable teacher."""
+    for label, point in stage.points():
+        where, teacher = f"grid point {label or '(recipe)'}", point.get("teacher")
+        if stage.kind == "distill":
+            _teacher(teacher, f"distill ({where})", dense)
+        # Chains get a placeholder parent: the real one is chosen when the dense stage has run.
+        extra = {} if stage.kind == "dense" else {"parent": _PLACEHOLDER_RUN}
+        try:
+            STEP_OF_STAGE[stage.kind].from_flat({**point, **extra}).validate()
+        except UsageError as err:
+            raise _fail(f"{where}: {_plain(err)}", stage.kind) from None
+        if stage.kind == "dense" and teacher is not None and not _is_reference(teacher):
+            raise _fail(f"{where}: teacher {teacher!r}: a dense run takes {_REFERENCES}", "dense")
+
+
+def _is_reference(teacher: str) -> bool:
+    return teacher.startswith(("models:/", "runs:/")) or bool(_RUN_ID.match(teacher))
+
+
+def _teacher(value: str | None, at: str, dense: Stage) -> None:
+    if value is None:
+        raise _fail(f"no teacher; set teacher in recipe or grid: {_TEACHERS}", at)
+    try:
+        parsed = parse_teacher(value)
+    except ValueError as err:
+        raise _fail(f"teacher {value!r}: {err}", at) from None
+    if isinstance(parsed, TeacherSelector):
+        if not any(parsed.accepts({**_defaults(), **p}) for _, p in dense.points()):
+            raise _fail(f"teacher {value!r}: no dense run of the study has these options", at)
+    elif parsed != PARENT and not _is_reference(parsed):
+        raise _fail(f"teacher {value!r}: accepted: {_TEACHERS}", at)
+
+
+def _auto_start(start: _Auto, at: str, dense: Stage) -> AutoStart:
+    seeds = dense.values("seed", config.OptimConfig().seed)
+    if start.seeds is not None and any(s not in seeds for s in start.seeds):
+        raise _fail(f"expected a non-empty list of dense seeds ({', '.join(map(str, seeds))}), got {start.seeds!r}",
+                    f"{at}.seeds")
+    if start.epoch is not None:
+        _saved(start.epoch, [p for _, p in dense.points()], f"{at}.epoch")
+    return AutoStart(start.select, start.threshold, start.control_factor,
+                     None if start.seeds is None else tuple(start.seeds), start.epoch)
+
+
+def _explicit_starts(items: list[Any], at: str, dense: Stage) -> tuple[ExplicitStart, ...]:
+    starts: list[ExplicitStart] = []
+    points = [{**_defaults(), **p} for _, p in dense.points()]
+    for key, item in ((f"{at}[{i}]", item) for i, item in enumerate(items)):
+        start = ExplicitStart({k: v for k, v in item.given().items() if k != "epoch"}, item.epoch)
+        if not start.match:
+            raise _fail(f"expected {_CHECKPOINT}", key)
+        for name, value in start.match.items():
             options = dense.values(name, _TRAIN_FIELDS[name][0].default)
-            if not any(show_value(value) == show_value(o) for o in options):
-                raise self.fail(f"{key}.{name}", f"{show_value(value)} is not a {name} of the dense stage "
-                                                 f"(it has: {', '.join(map(show_value, options))})")
-            match[name] = value
-        points = [{**_defaults(), **p} for _, p in dense.points()]
-        matches = [p for p in points if all(show_value(p[k]) == show_value(v) for k, v in match.items())]
+            if show_value(value) not in map(show_value, options):
+                raise _fail(f"{show_value(value)} is not a {name} of the dense stage (it has: "
+                            f"{', '.join(map(show_value, options))})", f"{key}.{name}")
+        matches = [p for p in points if all(show_value(p[k]) == show_value(v) for k, v in start.match.items())]
         if not matches:
-            named = ", ".join(f"{k}={show_value(v)}" for k, v in match.items())
-            raise self.fail(key, f"no dense grid point has {named}")
+            raise _fail(f"no dense grid point has {start.label()}", key)
         if len(matches) > 1:
             differ = [a for a in dense.axes if len({show_value(p[a]) for p in matches}) > 1]
-            raise self.fail(key, f"matches {len(matches)} dense runs; also give: {', '.join(differ)}")
-        epoch = item.get("epoch")
-        if epoch is not None:
-            epoch = int(self.number(epoch, f"{key}.epoch", minimum=0, integer=True))
-            self.saved(epoch, matches, f"{key}.epoch")
-        return ExplicitStart(match, epoch)
+            raise _fail(f"matches {len(matches)} dense runs; also give: {', '.join(differ)}", key)
+        if start.epoch is not None:
+            _saved(start.epoch, matches, f"{key}.epoch")
+        if start in starts:
+            raise _fail("names the same checkpoint as an earlier entry", key)
+        starts.append(start)
+    return tuple(starts)
 
-    def saved(self, epoch: int, points: list[dict[str, Any]], key: str) -> None:
-        for point in points:
-            saved = point.get("save_epochs") or []
-            if epoch not in saved:
-                raise self.fail(key, f"epoch {epoch} is not saved by the dense stage (save_epochs: "
-                                     f"{', '.join(map(str, saved)) or 'none'}); add it to its save_epochs")
 
-    def resources(self, data: Any, key: str) -> Resources:
-        if data is None:
-            return Resources()
-        if isinstance(data, dict):
-            if "max_width" in data:
-                raise self.fail(f"{key}.max_width", "only allowed in a list of rules")
-            return Resources((self.rule(data, key),))
-        if not isinstance(data, list) or not data:
-            raise self.fail(key, "expected {cpu:, gpu:} or a non-empty list of {max_width:, cpu:, gpu:} rules")
-        rules = tuple(self.rule(item, f"{key}[{i}]") for i, item in enumerate(data))
-        bounds = [r.max_width for r in rules]
-        if None in bounds[:-1]:
-            raise self.fail(key, "only the last rule may omit max_width")
-        numeric = [b for b in bounds if b is not None]
-        if numeric != sorted(set(numeric)):
-            raise self.fail(key, f"rules must have increasing max_width, got {numeric}")
-        return Resources(rules)
-
-    def rule(self, item: Any, key: str) -> ResourceRule:
-        item = self.mapping(item, key, _RULE_KEYS)
-        cpu = self.number(item.get("cpu", 1), f"{key}.cpu", minimum=0.0, strict=True)
-        gpu = self.number(item.get("gpu", 0), f"{key}.gpu", minimum=0.0)
-        if gpu > 1 and not gpu.is_integer():
-            raise self.fail(f"{key}.gpu", f"fractions share one GPU (gpu < 1); above 1 give a whole number, "
-                                          f"got {gpu:g}")
-        max_width = item.get("max_width")
-        if max_width is not None:
-            max_width = int(self.number(max_width, f"{key}.max_width", minimum=1, integer=True))
-        return ResourceRule(cpu, gpu, max_width)
-
-    def cover_widths(self, resources: Resources, dense: Stage, key: str) -> None:
-        widths = dense.values("width", config.ModelConfig().width)
-        uncovered = [w for w in widths if resources.for_width(int(w)) is None]
-        if uncovered:
-            raise self.fail(key, f"no rule covers width {uncovered[0]}; end with a rule without max_width")
+def _saved(epoch: int, points: list[dict[str, Any]], at: str) -> None:
+    for saved in (point.get("save_epochs") or [] for point in points):
+        if epoch not in saved:
+            raise _fail(f"epoch {epoch} is not saved by the dense stage (save_epochs: "
+                        f"{', '.join(map(str, saved)) or 'none'}); add it to its save_epochs", at)
 
 
 def _defaults() -> dict[str, Any]:
     return {name: f.default for name, (f, _) in _TRAIN_FIELDS.items()}
 
 
-def _mappings(value: Any) -> list[dict[str, Any]]:
-    if isinstance(value, dict):
-        return [value]
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+_Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, (dict, list)):
-        return f"a {type(value).__name__}"
-    return repr(value)
-
-
-def _type_name(tp: Any, choices: tuple[str, ...] | None, optional: bool) -> str:
-    if choices:
-        name = "one of " + ", ".join(choices)
-    else:
-        name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-            tp, "a list of integers")
-    return name + (" or null" if optional else "")
-
-
-def _plain(err: Exception) -> str:
-    """A config error as the study file spells options (width, not --width)."""
-    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), str(err))
+class _File(_Model):
+    name: Annotated[_Text, _must(lambda n: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n),
+                                 "expected letters, digits, '_', '-' and '.', got {value!r}")]
+    description: Optional[_Text] = None
+    cost: Optional[_Text] = None
+    experiment: Optional[_Text] = None
+    storage_path: Optional[_Text] = None
+    retries: Annotated[int, Field(ge=0)] = 1
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None
+    stages: Annotated[_Stages, _must(lambda v: isinstance(v, dict) and v, "expected a non-empty mapping of stages "
+                                     f"({', '.join(STAGES)}), got {{kind}}", before=True)] = \
+        Field(None, validate_default=True)
