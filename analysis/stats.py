@@ -10,6 +10,9 @@ report prints and whose ``to_dict()`` is the JSON-safe record for ``verdicts.jso
 * `it_is_a_bad_start` -- pruning from the interpolation-threshold parent ends worse than from the controls.
 
 With one seed every function answers "one seed: not tested" (significant False, p-value NaN).
+
+Longer than most modules on purpose: the evidence rules want every verdict decided in one place, and
+each test's calibration argument is written beside its code.
 Imports numpy and the standard library only (no scipy, torch or mlflow): the t distribution is computed
 here from the regularised incomplete beta function.
 

@@ -1,6 +1,10 @@
 """Datasets as in-memory tensors: MNIST-1D (generated offline), CIFAR-10/100 and Tiny ImageNet (read from disk).
 
 Nothing is ever downloaded. Labels are clean; label noise is applied by `sdd.noise`.
+
+Longer than most modules: each file format's reader (CIFAR pickles through an allow-list unpickler,
+Tiny ImageNet's folder layout) sits beside the split logic it shares, and `LOADERS` at the end is
+the one place a dataset is added.
 """
 
 from __future__ import annotations

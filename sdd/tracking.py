@@ -2,6 +2,10 @@
 
 Everything goes through an explicit `MlflowClient` and run ids, never MLflow's fluent "active run"
 stack, so Ray trials, nested chains and tests cannot leak runs into each other.
+
+Longer than most modules because every MLflow call of the steps goes through it (store, search,
+run state, artifacts, datasets, model logging): the steps and `sdd.lifecycle` stay free of MLflow
+details, and one MLflow change is mended here.
 """
 
 from __future__ import annotations
