@@ -341,9 +341,7 @@ def distill_figure(a: Analysis, path: Path) -> Path:
             _sparsity_axis(ax, densities)
             ax.set_ylabel("accuracy")
             ax.grid(alpha=0.3)
-            rise = pair[f"{key}_max_rise"]
-            ax.set_title(f"{title}: {pair[f'{key}_label']}\nlargest rise over an earlier level: {rise:.3f}",
-                         fontsize=8)
+            ax.set_title(f"{title}: {pair[f'{key}_label']}", fontsize=8)
         axes[row, 1].sharey(axes[row, 0])
     _figure_legend(fig, axes, _phase_handles() if pairs else ())
     fig.suptitle("Does distillation make the SDD curve monotonic?\n(one dense parent per row)")

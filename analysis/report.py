@@ -1,13 +1,14 @@
 """`analyze_study`: a study's runs -> tables, figures and one report page, written to a folder and
 logged to the study run under `report/`.
 
-The headline answers are stated from the numbers in `analysis.summary`, with the tolerances they
-were judged against, so a reader can check every claim in the tables beside it.
+Each headline answer states the verdict `analysis.stats` reached, with its effect size, 95% CI,
+p-value and seed count; verdicts.json holds every verdict's full record.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 import re
@@ -23,7 +24,7 @@ from mlflow.entities import Run
 from analysis.figures import FIGURES, draw_all
 from analysis.html import render_html
 from analysis.runs import load_study, resolve_study
-from analysis.summary import RETRACE_TOLERANCE, TOLERANCE, Analysis, analyse, select
+from analysis.summary import Analysis, analyse, select
 from sdd.errors import UsageError
 from sdd.phases import LEVEL_PHASES
 
@@ -35,11 +36,12 @@ HTML_REPORT = "report.html"
 SUMMARY = "summary.csv"
 DENSE_TABLE = "dense_runs.csv"
 LEVEL_TABLE = "chain_levels.csv"
+VERDICTS = "verdicts.json"
 FLOAT_FORMAT = "%.6g"  # metrics carry no more precision; spares readers 0.42000000000000004
 # Integer columns of summary.csv (levels, widths, counts), written without a decimal point.
 INT_COLUMNS = {"it_width", "peak_err_width", "n_widths", "min_seeds", "max_seeds", "width", "dense_seed",
-               "start_epoch", "dd_it_width", "levels", "it_level", "dip_level", "recovery_level", "best_level",
-               "retrace_points", "early_stop_level", "early_stop_level_tag", "early_stop_best_level", "version",
+               "start_epoch", "dd_it_width", "levels", "it_level", "peak_level", "dip_level", "recovery_level",
+               "best_level", "seeds", "n_test", "n_seeds", "early_stop_level", "early_stop_level_tag", "early_stop_best_level", "version",
                "level", *(f"{p}_{end}" for p in LEVEL_PHASES for end in ("first", "last"))}
 # Config keys worth showing for a missing trial, when the stage's trials do not differ in any.
 CONFIG_KEYS = ("model", "width", "depth", "noise", "seed", "criterion", "retrain", "start_epoch", "alpha",
@@ -78,10 +80,25 @@ def analyze_study(client: MlflowClient, study_run_id: str, out_dir: Path, *, it_
     return report
 
 
+def _json_default(value: Any) -> Any:
+    """Identifying fields come from pandas: numpy scalars (NaN for a missing noise or start epoch)."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _verdict_rows(a: Analysis) -> pd.DataFrame:
+    """One row per chain-group verdict (kind=sdd, retrace, distill): its curve's fields and verdict columns."""
+    rows = [{"kind": v.kind, **{k: val for k, val in v.key.items() if not isinstance(val, list)},
+             "dense_seeds": " ".join(map(str, v.key.get("dense_seeds", []))), **v.columns()}
+            for v in a.verdicts if v.kind != "dd"]  # the dd verdicts sit on the kind=dd rows
+    return pd.DataFrame(rows)
+
+
 def summary_table(a: Analysis) -> pd.DataFrame:
-    """summary.csv: one row per family x noise (kind=dd), per chain (kind=chain) and per registered
-    model (kind=registered_model)."""
-    frames = [f for f in (a.thresholds, a.chains, a.registered) if not f.empty]
+    """summary.csv: one row per family x noise (kind=dd, with its DD verdict), per chain-group verdict
+    (kind=sdd, retrace, distill), per chain (kind=chain) and per registered model (kind=registered_model).
+    Verdict columns: claim, effect_name, effect, ci_low, ci_high, p_value, seeds, n_test, verdict."""
+    frames = [f for f in (a.thresholds, _verdict_rows(a), a.chains, a.registered) if not f.empty]
     if not frames:
         return pd.DataFrame(columns=["kind"])
     table = pd.concat(frames, ignore_index=True, sort=False)
@@ -94,6 +111,9 @@ def summary_table(a: Analysis) -> pd.DataFrame:
 def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
     paths = [out_dir / SUMMARY, out_dir / DENSE_TABLE, out_dir / LEVEL_TABLE]
     summary_table(a).to_csv(paths[0], index=False, float_format=FLOAT_FORMAT)
+    paths.append(out_dir / VERDICTS)
+    paths[-1].write_text(json.dumps([v.record() for v in a.verdicts], indent=1, default=_json_default) + "\n",
+                         encoding="utf-8")
     a.study.dense.to_csv(paths[1], index=False, float_format=FLOAT_FORMAT)
     labels = a.chains.set_index("chain_run_id")["label"] if not a.chains.empty else pd.Series(dtype=object)
     a.levels.assign(label=a.levels["chain_run_id"].map(labels)).to_csv(paths[2], index=False,
@@ -155,7 +175,9 @@ def render(a: Analysis, client: MlflowClient) -> str:
         f"tracking store `{client.tracking_uri}`, generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC.",
         f"Interpolation threshold (IT) rule, the same along width and along pruning levels: the noisy-label "
         f"subset's train accuracy crosses {a.threshold:g} (first width that reaches it; first level that falls "
-        f"below it). Accuracy changes of up to {TOLERANCE:g} (or the seed spread, if larger) count as noise.",
+        f"below it). Every claim below is decided by `analysis.stats` from the seeds' curves, against the "
+        "test set's binomial noise and the spread between seeds, and printed with its effect size, 95% CI, "
+        f"p-value and seed count; with one seed it reads \"one seed: not tested\". Full records: [{VERDICTS}]({VERDICTS}).",
         _what_was_run(a),
         "## Headline answers",
         _answer_it(a),
@@ -217,7 +239,7 @@ def _answer_it(a: Analysis) -> str:
                     if len(below) else "; it is the smallest width of the sweep, so the IT may lie below it")
             text = (f"**IT at width {t['it_width']:g}** (≈{t['it_num_params']:,.0f} parameters): mean noisy-subset "
                     f"train accuracy {at['train_acc_noisy_mean']:.3f}{prev}.")
-        text += " " + _dd_shape(part, t)
+        text += " " + _dd_shape(part, t) + " Dip and recovery of the test accuracy along width: " + _stated(t) + "."
         lines.append(head + text)
     return "\n".join([lines[0], "", *lines[1:]])
 
@@ -243,6 +265,27 @@ def _chain_point(level: Any, acc: Any, sparsity: Any) -> str:
     return f"{_f(acc)} at level {_int(level)} (sparsity {_pct(sparsity)})"
 
 
+def _p(p: Any) -> str:
+    if _missing(p):
+        return "p –"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
+
+
+def _stated(row: dict, prefix: str = "") -> str:
+    """A verdict as the report states it: analysis.stats' verdict string, then the effect size with its
+    95% CI, the p-value and the seed count (CI and p read "–" where one seed allows none)."""
+    def get(key: str) -> Any:
+        return row.get(prefix + key)
+    text = f"**{get('verdict')}**"
+    # not tested at all (nothing estimated), or a verdict string that already states effect, CI, p and seeds
+    if _missing(get("effect_name")) or "[" in text:
+        return text
+    dip = (f"dip {_f(get('dip'))} [{_f(get('dip_ci_low'))}, {_f(get('dip_ci_high'))}], "
+           if not _missing(get("dip")) else "")
+    return text + (f" ({dip}{get('effect_name')} {_f(get('effect'))} [{_f(get('ci_low'))}, {_f(get('ci_high'))}], "
+                   f"{_p(get('p_value'))}, {_count(int(get('seeds')), 'seed')})")
+
+
 def _answer_sdd(a: Analysis) -> str:
     head = "### 2. Per starting width: does an SDD dip-and-recovery show?"
     if a.groups.empty:
@@ -251,27 +294,16 @@ def _answer_sdd(a: Analysis) -> str:
     for g in a.groups[a.groups["step"] == "prune"].to_dict("records") or a.groups.to_dict("records"):
         start = f"w{g['width']:g}" + (f" from epoch {g['start_epoch']}" if not _missing(g["start_epoch"]) else "")
         who = f"- **{start}, {_noise(g['noise'])}**, {g['setting']} ({_count(g['n_seeds'], 'seed')}): "
-        spread = (f"Seed spread {_f(g['seed_spread'])} ({g['spread_source']})." if not _missing(g["seed_spread"])
-                  else "One seed, so no spread to compare with.")
-        dense = _f(g["dense_test_acc"])
-        if g["sdd_shape"]:
-            above = "above" if g["recovery_test_acc"] > g["dense_test_acc"] else "still below"
-            text = (f"**yes**: test accuracy falls from {dense} (dense) to "
-                    f"{_chain_point(g['dip_level'], g['dip_test_acc'], g['dip_sparsity'])} and recovers to "
-                    f"{_chain_point(g['recovery_level'], g['recovery_test_acc'], g['recovery_sparsity'])}, "
-                    f"{above} the dense model: dip {_f(g['dip_depth'])}, recovery {_f(g['recovery'])}. {spread}")
-        elif g["dip_depth"] > g["tolerance"]:
-            last = ", the last level" if g["dip_level"] == g["levels"] else ""
-            text = (f"**no recovery after the dip**: test accuracy falls from {dense} (dense) to its lowest, "
-                    f"{_chain_point(g['dip_level'], g['dip_test_acc'], g['dip_sparsity'])}{last}, and does not "
-                    f"rise again by more than {_f(g['tolerance'])}: dip {_f(g['dip_depth'])}. {spread}")
-        else:
-            text = (f"**no dip**: test accuracy stays within {_f(g['tolerance'])} of the dense {dense}; its lowest "
-                    f"is {_chain_point(g['dip_level'], g['dip_test_acc'], g['dip_sparsity'])}. {spread}")
+        text = _stated(g, "sdd_")
+        if not _missing(g["dip_level"]):
+            text += (f". Mean test accuracy: {_f(g['dense_test_acc'])} dense, lowest point of the best dip "
+                     f"{_chain_point(g['dip_level'], g['dip_test_acc'], g['dip_sparsity'])}, best after it "
+                     f"{_chain_point(g['recovery_level'], g['recovery_test_acc'], g['recovery_sparsity'])}.")
         lines.append(who + text)
     note = "" if (a.groups["step"] == "prune").any() else "\n\n(Only distilled chains were run; they are shown.)"
-    return head + "\n\nJudged on the mean curve over seeds; a dip or a recovery counts only when larger than " \
-        f"{TOLERANCE:g} and than the seed spread.\n\n" + "\n".join(lines) + note
+    return head + "\n\nOne curve per group of chains that differ only in the dense seed (seeds x levels, level 0 " \
+        "the dense parents); dip-and-recovery searched over every level, p-value corrected for that search " \
+        "(analysis.stats.dip_and_recovery).\n\n" + "\n".join(lines) + note
 
 
 def _answer_retrace(a: Analysis) -> str:
@@ -280,29 +312,16 @@ def _answer_retrace(a: Analysis) -> str:
         return head + "\n\nNo finished pruning chains."
     lines = []
     for g in a.groups.to_dict("records"):
-        who = f"- **w{g['width']:g}, {_noise(g['noise'])}**, {g['setting']}: "
+        who = f"- **w{g['width']:g}, {_noise(g['noise'])}**, {g['setting']} ({_count(g['n_seeds'], 'seed')}): "
+        text = _stated(g, "retrace_")
         ref = select(a.thresholds, g["family"], g["noise"])
-        if ref.empty:
-            lines.append(who + "cannot tell: no dense DD curve of this family and noise level in the study.")
-            continue
-        if g["retrace_points"] == 0:
-            lines.append(who + "cannot tell: no pruned level falls inside the dense sweep's parameter range.")
-            continue
-        gap, abs_gap = g["retrace_mean_gap"], g["retrace_mean_abs_gap"]
-        side = "above" if gap > 0 else "below"
-        tol = max(RETRACE_TOLERANCE, 0.0 if _missing(g["seed_spread"]) else g["seed_spread"])
-        verdict = (f"**it retraces the DD curve** (mean |gap| {_f(abs_gap)} ≤ {_f(tol, 2)})" if abs_gap <= tol
-                   else f"**it takes its own path**, on average {_f(abs(gap))} {side} the dense model of the same "
-                        f"size (mean |gap| {_f(abs_gap)} > {_f(tol, 2)})")
-        text = (f"over {g['retrace_points']} pruned levels (all seeds) inside the dense sweep's parameter range, "
-                f"{verdict}.")
-        it = ref.iloc[0]
-        if g["sdd_shape"] and not _missing(it["it_width"]):
-            text += (f" Its dip sits at ≈{g['dip_nonzero_params']:,.0f} nonzero parameters; the dense IT at "
-                     f"≈{it['it_num_params']:,.0f}.")
+        if g["sdd_claim"] and len(ref) and not _missing(ref.iloc[0]["it_width"]):
+            text += (f". Its dip sits at ≈{g['dip_nonzero_params']:,.0f} nonzero parameters; the dense IT at "
+                     f"≈{ref.iloc[0]['it_num_params']:,.0f}.")
         lines.append(who + text)
-    return head + "\n\nPruned test accuracy minus the dense DD curve's (mean over seeds, log-interpolated) at the " \
-        "same number of nonzero parameters; see trajectory.png.\n\n" + "\n".join(lines)
+    return head + "\n\nPruned test accuracy minus the dense DD curve's (seed means, log-interpolated) at the same " \
+        "number of nonzero parameters, at every pruned level inside the dense sweep's parameter range; " \
+        "\"retraces\" is an equivalence test (analysis.stats.retraces). See trajectory.png.\n\n" + "\n".join(lines)
 
 
 def _answer_distill(a: Analysis) -> str:
@@ -310,30 +329,14 @@ def _answer_distill(a: Analysis) -> str:
     has_distill = not a.chains.empty and (a.chains["step"] == "distill").any()
     if not has_distill:
         return head + "\n\nNo distillation chains in this study."
-    if a.pairs.empty:
+    if a.distill.empty:
         return head + "\n\nThe distilled chains have no vanilla chain of the same dense parent to compare with."
-    lines = []
-    for p in a.pairs.to_dict("records"):
-        v_mono, d_mono = p["vanilla_max_rise"] <= TOLERANCE, p["distill_max_rise"] <= TOLERANCE
-        if not v_mono and d_mono:
-            verdict = "**yes**: distillation removed the rise"
-        elif v_mono and d_mono:
-            verdict = "**nothing to dodge**: both curves are monotonic"
-        elif not d_mono and p["distill_max_rise"] < p["vanilla_max_rise"]:
-            verdict = "**partly**: the distilled curve rises less but is not monotonic"
-        elif not d_mono:
-            verdict = "**no**: the distilled curve is not monotonic either"
-        else:
-            verdict = "**no**: distillation made a monotonic curve non-monotonic"
-        lines.append(
-            f"- dense parent `{p['dense_run_id'][:8]}` ({p['vanilla_label']} vs {p['distill_label']}): {verdict}. "
-            f"Largest rise over an earlier level: vanilla {_f(p['vanilla_max_rise'])} "
-            f"(dip {_f(p['vanilla_dip_depth'])}, recovery {_f(p['vanilla_recovery'])}), "
-            f"distilled {_f(p['distill_max_rise'])} "
-            f"(dip {_f(p['distill_dip_depth'])}, recovery {_f(p['distill_recovery'])}). Best test accuracy (by val): "
-            f"vanilla {_f(p['vanilla_best_test_acc'])}, distilled {_f(p['distill_best_test_acc'])}.")
-    return head + f"\n\nMonotonic = the test accuracy never rises more than {TOLERANCE:g} above any earlier " \
-        "level.\n\n" + "\n".join(lines)
+    lines = [f"- **w{d['width']:g}, {_noise(d['noise'])}**, {d['setting']} vs prune {d['setting'].split(' ')[1]}"
+             f" ({_count(d['n_seeds'], 'common seed')}): {_stated(d, 'distill_')}"
+             for d in a.distill.to_dict("records")]
+    return head + "\n\nMonotonic = the vanilla curve dips and recovers significantly, the distilled one does not, " \
+        "and the recovery shrank significantly (analysis.stats.distillation_monotonic, paired by dense seed)." \
+        "\n\n" + "\n".join(lines)
 
 
 def _answer_early_stop(a: Analysis) -> str:

@@ -21,6 +21,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID as PARENT_TAG
 
 from sdd.errors import UsageError
@@ -240,13 +241,29 @@ def _dense_table(runs: Iterable[Run], study_id: str, reused: set[str]) -> pd.Dat
             "run_id": run.info.run_id, "run_name": run.info.run_name, "family": family_label(dataset, model, depth),
             "dataset": dataset, "model": model, "depth": depth, "width": _int(p, "width"),
             "noise": _num(p, "noise"), "noise_kind": p.get("noise_kind"), "seed": _int(p, "seed"),
-            "epochs": _int(p, "epochs"),
+            "epochs": _int(p, "epochs"), "test_size": _test_size(run),
             **{k: m.get(k, float("nan")) for k in DENSE_METRICS},
             "reused": run.info.run_id in reused or t.get("sdd.study_run_id") not in (None, study_id),
         })
     frame = pd.DataFrame(rows, columns=["run_id", "run_name", "family", "dataset", "model", "depth", "width",
-                                        "noise", "noise_kind", "seed", "epochs", *DENSE_METRICS, "reused"])
+                                        "noise", "noise_kind", "seed", "epochs", "test_size", *DENSE_METRICS,
+                                        "reused"])
     return frame.sort_values(["family", "noise", "width", "seed"], ignore_index=True)
+
+
+def _test_size(run: Run) -> int | None:
+    """The run's test-set size (the binomial floor of every verdict): param `test_size`, else the
+    `num_rows` of its logged test dataset input (the param is empty when the dataset's default was used)."""
+    size = _int(run.data.params, "test_size")
+    if size is not None:
+        return size
+    for item in run.inputs.dataset_inputs if run.inputs else ():
+        if any(t.key == MLFLOW_DATASET_CONTEXT and t.value == "test" for t in item.tags):
+            try:
+                return int(json.loads(item.dataset.profile or "{}")["num_rows"])
+            except (KeyError, TypeError, ValueError):
+                return None
+    return None
 
 
 def _chain_table(client: MlflowClient, runs: Iterable[Run], dense: pd.DataFrame, study_id: str,
@@ -285,10 +302,12 @@ def _chain_table(client: MlflowClient, runs: Iterable[Run], dense: pd.DataFrame,
     if frame.empty:
         return pd.DataFrame(columns=["chain_run_id", "step", "dense_run_id", "family", "width", "noise",
                                      "dense_seed", "start_epoch", "setting", "label", "reused"])
-    # Chains that differ only in the dense seed form one group: their spread is the seed spread.
+    # Chains that differ only in the dense seed form one group: its members are the seeds of one curve.
+    # The teacher is left out: a distilled chain's teacher is usually its own seed's dense model.
     frame["group"] = frame.apply(lambda r: f"{r['family']} n{r['noise']} w{r['width']}"
                                  + (f" e{r['start_epoch']}" if r["start_epoch"] is not None else "")
-                                 + f" {r['setting']}", axis=1)
+                                 + f" {r['setting']}"
+                                 + "".join(f" {k}={r[k]}" for k in ("scope", "rate") if pd.notna(r[k])), axis=1)
     frame["start_epoch"] = frame["start_epoch"].astype("object")
     order = frame["step"].map({step: i for i, step in enumerate(CHAIN_STEPS)})  # vanilla before distilled
     frame = frame.assign(_order=order).sort_values(["family", "noise", "width", "_order", "setting", "dense_seed"])

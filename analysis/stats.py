@@ -83,7 +83,7 @@ Other claims
   equivalence claim, decided by TOST (two one-sided z-tests against +-margin) at every level combined as
   an intersection-union test (p = max over levels: no multiplicity correction is needed for an "all levels"
   claim and none is taken). The default margin is 4 per-seed binomial SEs at the dense accuracy (about
-  0.02 for 10,000 test samples, the project's RETRACE_TOLERANCE): with 3 seeds per curve the gap's SE is
+  0.02 for 10,000 test samples, the fixed tolerance the analysis used before): with 3 seeds per curve the gap's SE is
   about 0.8 per-seed SE, and on curves that coincide TOST over 8 / 16 levels succeeds 1% / 0.3% of the
   time at a 2-SE margin, 77% / 63% at 3 SE and 99% / 99% at 4 SE (measured). "does not retrace" needs the
   opposite evidence: some level's gap significantly

@@ -1,5 +1,8 @@
-"""The numbers behind the report: DD curve and IT per noise level, phases and SDD shape per chain,
-seed spread, how far pruning strays from the dense DD curve, and what the entropy early stop saves.
+"""The numbers behind the report: DD curve and IT per noise level, phases per chain, the verdicts
+(DD and SDD dip-and-recovery, retracing, distillation), and what the entropy early stop saves.
+
+Every verdict is decided by `analysis.stats` from the seeds' curves (seeds x widths, seeds x levels),
+with the test-set size as its binomial floor; nothing here judges a curve by a fixed tolerance.
 
 Phases and thresholds are recomputed from the metric histories with `sdd.phases`, the functions the
 chains used for their tags, so a figure, a table and a tag follow one rule (and disagree only when a
@@ -12,21 +15,18 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
+from analysis import stats
 from analysis.runs import Study
 from sdd import registry
 from sdd.phases import LEVEL_PHASES, best_level, entropy_early_stop, pruning_threshold, sdd_phases, width_threshold
 
 log = logging.getLogger(__name__)
 
-# Accuracy differences up to this are noise (sdd_phases' own tolerance); the seed spread raises it.
-TOLERANCE = 0.01
-# A pruned model "retraces" the DD curve when it stays this close to the dense model of equal size.
-RETRACE_TOLERANCE = 0.02
 DEFAULT_ENTROPY_DROP = 0.1
 DEFAULT_ACC_TOLERANCE = 0.02
 CURVE_METRICS = ("test_acc", "train_acc", "train_acc_noisy", "val_acc", "test_err", "train_err", "noisy_err")
@@ -41,23 +41,29 @@ class Analysis:
     curve: pd.DataFrame        # per family, noise, width: seed statistics of the dense runs
     thresholds: pd.DataFrame   # per family, noise: IT width and DD test-error peak
     levels: pd.DataFrame       # study.levels + recomputed phase per level
-    chains: pd.DataFrame       # per chain: phases, dip/recovery, retracing, early stop
-    groups: pd.DataFrame       # per seed group of chains: mean-curve shape vs seed spread
-    pairs: pd.DataFrame        # vanilla / distilled chains of the same dense parent
+    chains: pd.DataFrame       # per chain: phases, best level, early stop
+    groups: pd.DataFrame       # per seed group of chains: SDD and retrace verdicts of its seeds x levels curve
+    distill: pd.DataFrame      # per distilled group: the distillation verdict against its vanilla group
+    pairs: pd.DataFrame        # vanilla / distilled chains of the same dense parent (the figure's rows)
     registered: pd.DataFrame   # the best-sparse registered model of each dataset x model family
+    verdicts: list[Verdict]    # every claim, as decided by analysis.stats (verdicts.json)
 
 
 def analyse(client: MlflowClient, study: Study, threshold: float = 0.99) -> Analysis:
     """Everything the report needs from a loaded study; `threshold` is the IT rule's noisy-fit level."""
     curve = dd_curve(study.dense)
     thresholds = interpolation_thresholds(curve, threshold)
+    dd = dd_verdicts(study.dense)
+    if len(thresholds):
+        columns = pd.DataFrame([{"family": v.key["family"], "noise": v.key["noise"], **v.columns()} for v in dd])
+        thresholds = thresholds.merge(columns, on=["family", "noise"], how="left")
     levels = study.levels.copy()
     levels["phase"] = pd.Series(dtype="object")
     rows = []
     for chain in study.chains.to_dict("records"):
         mask = levels["chain_run_id"] == chain["chain_run_id"]
         history = levels[mask].sort_values("level")
-        result = chain_result(chain, history, curve, thresholds, threshold)
+        result = chain_result(chain, history, thresholds, threshold)
         levels.loc[history.index, "phase"] = result.pop("phases")
         if result["phases_match"] is False:
             log.warning("chain %s: its sdd.phases / sdd.it_level tags disagree with the phases recomputed at "
@@ -69,8 +75,10 @@ def analyse(client: MlflowClient, study: Study, threshold: float = 0.99) -> Anal
         holders = {r["chain_run_id"]: f"{r['name']} v{r['version']}" for r in registered.to_dict("records")
                    if not pd.isna(r["version"])}
         chains["registered"] = chains["chain_run_id"].map(holders).fillna("")
-    groups = seed_groups(chains, levels, curve)
-    return Analysis(study, threshold, curve, thresholds, levels, chains, groups, distill_pairs(chains), registered)
+    groups, chain_verdicts = seed_groups(chains, levels, study.dense)
+    distill, distill_found = distill_verdicts(chains, levels, groups)
+    return Analysis(study, threshold, curve, thresholds, levels, chains, groups, distill, distill_pairs(chains),
+                    registered, dd + chain_verdicts + distill_found)
 
 
 # --- DD curve ---------------------------------------------------------------------------------------
@@ -128,48 +136,80 @@ def dd_peak(test_err: Sequence[float]) -> int | None:
     return peak
 
 
-# --- curve shapes -----------------------------------------------------------------------------------
+# --- verdicts (decided by analysis.stats) ---------------------------------------------------------
+
+# Shown in place of a verdict when no dense run of the curve records its test-set size (the binomial floor).
+NO_TEST_SIZE = "test-set size unknown (no test_size param or test dataset input): not tested"
+Result = stats.DipRecovery | stats.Retrace | stats.DistillationMonotonic
+
 
 @dataclass(frozen=True)
-class Dip:
-    """The SDD shape of a test-accuracy curve over levels (index 0 = dense)."""
+class Verdict:
+    """One claim about one curve: its identifying fields and the analysis.stats result deciding it."""
 
-    dip_level: int | None       # index of the lowest point of the dip
-    dip_depth: float            # dense test accuracy minus the dip's
-    recovery_level: int | None  # index of the best point after the dip, if it rises by > tolerance
-    recovery: float             # that point's accuracy minus the dip's
+    kind: str                  # "dd" (width sweep), "sdd" (pruning chain), "retrace" or "distill"
+    key: dict[str, Any]        # the fields naming the curve (family, noise, width, setting, chain ids...)
+    n_test: int | None
+    result: Result | None      # None: not tested, for the reason in `untested`
+    untested: str = NO_TEST_SIZE
 
-    def shows(self, tolerance: float) -> bool:
-        return self.dip_depth > tolerance and self.recovery > tolerance
+    def columns(self) -> dict[str, Any]:
+        """The verdict's summary.csv columns: claim, effect with 95% CI, p-value, seeds, verdict string."""
+        r = self.result
+        if r is None:
+            return {"claim": False, "effect_name": None, "effect": math.nan, "ci_low": math.nan,
+                    "ci_high": math.nan, "p_value": math.nan, "seeds": None, "n_test": None,
+                    "verdict": self.untested}
+        extra: dict[str, Any] = {}
+        if isinstance(r, stats.DipRecovery):
+            # The recovery is the effect: a dip alone is plain decline, the rise after it is the claim.
+            claim, name, effect, ci = r.significant, "recovery", r.recovery, r.recovery_ci
+            extra = {"dip": r.dip, "dip_ci_low": r.dip_ci[0], "dip_ci_high": r.dip_ci[1]}
+        elif isinstance(r, stats.Retrace):
+            claim, name, effect, ci = r.retraces, "largest gap", r.effect, r.ci
+            extra = {"departs": r.departs}
+        else:
+            claim, name, effect, ci = r.monotonic, "recovery reduction", r.difference, r.difference_ci
+        return {"claim": bool(claim), "effect_name": name, "effect": effect, "ci_low": ci[0], "ci_high": ci[1],
+                "p_value": r.p_value, "seeds": r.seeds, "n_test": self.n_test, "verdict": r.verdict, **extra}
+
+    def record(self) -> dict[str, Any]:
+        """Its verdicts.json record."""
+        return {"kind": self.kind, **self.key, "n_test": self.n_test,
+                "result": None if self.result is None else self.result.to_dict(),
+                "verdict": self.columns()["verdict"]}
 
 
-def dip_and_recovery(test: Sequence[float], tolerance: float = TOLERANCE) -> Dip:
-    """The dip below the dense accuracy followed by the largest recovery; without a recovery, the
-    lowest point. A dip counts only if it is more than `tolerance` below dense."""
-    t = [float(x) for x in test]
-    if len(t) < 2:
-        return Dip(None, 0.0, None, 0.0)
-    best: tuple[int, int, float] | None = None
-    for d in range(1, len(t) - 1):
-        if t[0] - t[d] <= tolerance:
-            continue
-        r = max(range(d + 1, len(t)), key=lambda i: (t[i], -i))
-        if best is None or t[r] - t[d] > best[2]:
-            best = (d, r, t[r] - t[d])
-    if best is not None and best[2] > tolerance:
-        d, r, gain = best
-        return Dip(d, t[0] - t[d], r, gain)
-    d = min(range(1, len(t)), key=lambda i: (t[i], i))
-    return Dip(d, t[0] - t[d], None, 0.0)
+def _test_size(sizes: pd.Series) -> int | None:
+    """One test-set size for a curve's runs: the smallest recorded (the widest binomial floor, conservative)."""
+    known = pd.to_numeric(sizes, errors="coerce").dropna()
+    return int(known.min()) if len(known) else None
 
 
-def max_rise(test: Sequence[float]) -> float:
-    """Largest rise of the curve over any earlier level (0 for a non-increasing curve)."""
-    rise, low = 0.0, math.inf
-    for value in test:
-        rise = max(rise, value - low)
-        low = min(low, value)
-    return rise
+def _complete(table: pd.DataFrame, index: str, columns: str, values: str) -> pd.DataFrame:
+    """`values` as index x columns keeping only the rows every column (seed) reached: stats needs full curves."""
+    return table.pivot_table(index=index, columns=columns, values=values).dropna()
+
+
+def dd_matrix(dense: pd.DataFrame, family: str, noise: float) -> tuple[pd.DataFrame, pd.Series]:
+    """Test accuracy as width x seed (widths every seed reached) and the mean parameter count per width."""
+    part = select(dense, family, noise)
+    acc = _complete(part, "width", "seed", "test_acc")
+    params = part.groupby("width")["num_params"].mean().reindex(acc.index)
+    return acc, params
+
+
+def dd_verdicts(dense: pd.DataFrame) -> list[Verdict]:
+    """Per family and noise level: does the test accuracy dip and recover along width (seeds x widths)?"""
+    out = []
+    for (family, noise), part in dense.groupby(["family", "noise"], dropna=False, sort=True):
+        acc, _ = dd_matrix(dense, family, noise)
+        n_test = _test_size(part["test_size"])
+        result = (stats.dip_and_recovery(acc.T.to_numpy(), n_test)
+                  if n_test is not None and len(acc) else None)
+        out.append(Verdict("dd", {"family": family, "noise": noise, "widths": [int(w) for w in acc.index]},
+                           n_test, result))
+    return out
 
 
 def phase_bounds(levels: Sequence[int], phases: Sequence[str]) -> dict[str, int | None]:
@@ -193,27 +233,13 @@ def dense_reference(curve: pd.DataFrame, family: str, noise: float) -> pd.DataFr
     return part.dropna(subset=["num_params", "test_acc_mean"]).sort_values("num_params")
 
 
-def retrace_gaps(nonzero: Sequence[float], test: Sequence[float], reference: pd.DataFrame) -> np.ndarray:
-    """Pruned minus dense test accuracy at equal parameter count (log-interpolated along the dense
-    curve), for the points that fall inside the dense sweep's parameter range."""
-    if len(reference) < 2:
-        return np.array([])
-    x = np.log(reference["num_params"].to_numpy(float))
-    y = reference["test_acc_mean"].to_numpy(float)
-    nz = np.log(np.asarray(nonzero, float))
-    acc = np.asarray(test, float)
-    inside = (nz >= x.min()) & (nz <= x.max())
-    return acc[inside] - np.interp(nz[inside], x, y)
-
-
 # --- per chain ------------------------------------------------------------------------------------
 
 def _level_at(levels: Sequence[int], index: int | None) -> int | None:
     return int(levels[index]) if index is not None else None
 
 
-def chain_result(chain: dict, history: pd.DataFrame, curve: pd.DataFrame, thresholds: pd.DataFrame,
-                 threshold: float) -> dict:
+def chain_result(chain: dict, history: pd.DataFrame, thresholds: pd.DataFrame, threshold: float) -> dict:
     """One chain's row of the summary (plus its per-level phases under the key 'phases')."""
     levels = history["level"].astype(int).tolist()
     test = history["test_acc"].astype(float).tolist()
@@ -225,10 +251,7 @@ def chain_result(chain: dict, history: pd.DataFrame, curve: pd.DataFrame, thresh
     it = pruning_threshold(noisy, threshold)
     it_level = _level_at(levels, it)
     tag_phases, tag_it = (None if pd.isna(chain.get(k)) else chain.get(k) for k in ("phases_tag", "it_level_tag"))
-    dip = dip_and_recovery(test)
     dd = select(thresholds, chain["family"], chain["noise"])
-    gaps = retrace_gaps(history["nonzero_params"].astype(float).tolist()[1:], test[1:],
-                        dense_reference(curve, chain["family"], chain["noise"]))
     row = {
         "kind": "chain", **{k: chain.get(k) for k in ("chain_run_id", "step", "family", "noise", "width",
                                                       "dense_seed", "start_epoch", "setting", "label", "group",
@@ -242,16 +265,6 @@ def chain_result(chain: dict, history: pd.DataFrame, curve: pd.DataFrame, thresh
                                                         and tag_it == (str(it_level) if it is not None else "none")),
         "tag_threshold": chain.get("it_threshold_param"),
         **phase_bounds(levels, phases),
-        "dip_level": _level_at(levels, dip.dip_level), "dip_depth": dip.dip_depth,
-        "dip_test_acc": test[dip.dip_level] if dip.dip_level is not None else math.nan,
-        "dip_sparsity": sparsity[dip.dip_level] if dip.dip_level is not None else math.nan,
-        "dip_nonzero_params": history["nonzero_params"].iloc[dip.dip_level] if dip.dip_level is not None else math.nan,
-        "recovery_level": _level_at(levels, dip.recovery_level), "recovery": dip.recovery,
-        "recovery_test_acc": test[dip.recovery_level] if dip.recovery_level is not None else math.nan,
-        "recovery_sparsity": sparsity[dip.recovery_level] if dip.recovery_level is not None else math.nan,
-        "max_rise": max_rise(test),
-        "retrace_points": len(gaps), "retrace_mean_gap": float(gaps.mean()) if len(gaps) else math.nan,
-        "retrace_mean_abs_gap": float(np.abs(gaps).mean()) if len(gaps) else math.nan,
     }
     best = best_level(val, sparsity)
     logged_best = chain.get("best_level")
@@ -308,62 +321,112 @@ def _early_stop(chain: dict, levels: list[int], val: list[float], test: list[flo
 
 # --- across chains ----------------------------------------------------------------------------------
 
-def seed_groups(chains: pd.DataFrame, levels: pd.DataFrame, curve: pd.DataFrame) -> pd.DataFrame:
-    """Per group of chains differing only in the dense seed: the SDD shape of the mean curve, judged
-    against the seed spread (across chain seeds, else across the dense runs at that width)."""
-    rows = []
-    if chains.empty:
-        return pd.DataFrame()
-    for group, members in chains.groupby("group", sort=False):
-        first = members.iloc[0]
-        ids = members["chain_run_id"].tolist()
-        table = levels[levels["chain_run_id"].isin(ids)]
-        by_level = table.pivot_table(index="level", columns="chain_run_id", values="test_acc")
-        complete = by_level.dropna()  # levels every seed reached
-        mean = complete.mean(axis=1)
-        sparsity = table.groupby("level")["sparsity"].mean().reindex(complete.index)
-        if len(ids) >= 2 and len(complete):
-            spread = float((complete.max(axis=1) - complete.min(axis=1)).mean())
-            source = f"mean range over {len(ids)} chain seeds"
-        else:
-            dense = select(curve, first["family"], first["noise"])
-            dense = dense[dense["width"] == first["width"]]
-            if len(dense) and dense["n_seeds"].iloc[0] >= 2:
-                spread = float(dense["test_acc_max"].iloc[0] - dense["test_acc_min"].iloc[0])
-                source = f"range of dense test accuracy over {int(dense['n_seeds'].iloc[0])} seeds at this width"
-            else:
-                spread, source = math.nan, "one seed: no spread"
-        tol = max(TOLERANCE, 0.0 if math.isnan(spread) else spread)
-        dip = dip_and_recovery(mean.tolist(), tol)
-        lv = complete.index.tolist()
-        rows.append({
-            "group": group, "family": first["family"], "noise": first["noise"], "width": first["width"],
+def _group_key(first: pd.Series, members: pd.DataFrame) -> dict[str, Any]:
+    return {"group": first["group"], "family": first["family"], "noise": first["noise"], "width": first["width"],
             "start_epoch": first["start_epoch"], "step": first["step"], "setting": first["setting"],
-            "n_seeds": len(ids), "levels": lv[-1] if lv else 0,
+            "dense_seeds": [int(x) for x in members["dense_seed"] if pd.notna(x)],
+            "chain_run_ids": members["chain_run_id"].tolist()}
+
+
+def _verdict_columns(prefix: str, verdict: Verdict) -> dict[str, Any]:
+    return {f"{prefix}_{k}": v for k, v in verdict.columns().items()}
+
+
+def seed_groups(chains: pd.DataFrame, levels: pd.DataFrame, dense: pd.DataFrame) -> tuple[pd.DataFrame, list[Verdict]]:
+    """Per group of chains differing only in the dense seed (one chain = one seed): the SDD verdict of
+    its curve (seeds x levels, column 0 the dense parents) and whether it retraces the dense DD curve
+    (stats.retraces against seeds x widths at equal nonzero parameters); the group rows and the verdicts."""
+    rows, verdicts = [], []
+    if chains.empty:
+        return pd.DataFrame(), verdicts
+    sizes = dense.set_index("run_id")["test_size"]
+    for _group, members in chains.groupby("group", sort=False):
+        first = members.iloc[0]
+        table = levels[levels["chain_run_id"].isin(members["chain_run_id"])]
+        acc = _complete(table, "level", "chain_run_id", "test_acc")  # levels every seed reached
+        nonzero = table.pivot_table(index="level", columns="chain_run_id", values="nonzero_params").reindex(acc.index)
+        sparsity = table.groupby("level")["sparsity"].mean().reindex(acc.index)
+        mean = acc.mean(axis=1)
+        # a chain's test set is its dense parent's; else any dense run of the family and noise level
+        n_test = _test_size(members["dense_run_id"].map(sizes)) or _test_size(
+            select(dense, first["family"], first["noise"])["test_size"])
+        key = _group_key(first, members)
+        have = n_test is not None and len(acc) > 0
+        sdd = Verdict("sdd", key, n_test, stats.dip_and_recovery(acc.T.to_numpy(), n_test) if have else None)
+        dense_acc, dense_params = dd_matrix(dense, first["family"], first["noise"])
+        # every level, the dense parent included, so that the verdict's level numbers are the chain's levels
+        can_retrace = have and len(dense_acc) >= 2
+        retrace = Verdict("retrace", key, n_test,
+                          stats.retraces(acc.T.to_numpy(), nonzero.T.to_numpy(), dense_acc.T.to_numpy(),
+                                         dense_params.to_numpy(), n_test) if can_retrace else None,
+                          NO_TEST_SIZE if not have else "no dense DD curve of this family and noise level (two "
+                          "widths every seed reached): not tested")
+        verdicts += [sdd, retrace]
+        lv = acc.index.tolist()
+        r = sdd.result
+
+        def at(series: pd.Series, index: int) -> float:
+            return float(series.iloc[index]) if r is not None and index >= 0 else math.nan
+
+        rows.append({
+            **{k: v for k, v in key.items() if k not in ("dense_seeds", "chain_run_ids")},
+            "n_seeds": len(members), "levels": lv[-1] if lv else 0,
             "dense_test_acc": mean.iloc[0] if len(mean) else math.nan,
-            "seed_spread": spread, "spread_source": source, "tolerance": tol,
-            "dip_level": _level_at(lv, dip.dip_level), "dip_depth": dip.dip_depth,
-            "dip_test_acc": mean.iloc[dip.dip_level] if dip.dip_level is not None else math.nan,
-            "dip_sparsity": sparsity.iloc[dip.dip_level] if dip.dip_level is not None else math.nan,
-            "recovery_level": _level_at(lv, dip.recovery_level), "recovery": dip.recovery,
-            "recovery_test_acc": mean.iloc[dip.recovery_level] if dip.recovery_level is not None else math.nan,
-            "recovery_sparsity": sparsity.iloc[dip.recovery_level] if dip.recovery_level is not None else math.nan,
-            "sdd_shape": dip.shows(tol), "max_rise": max_rise(mean.tolist()),
-            "monotonic": max_rise(mean.tolist()) <= tol,
-            "retrace_points": int(members["retrace_points"].sum()),
-            "retrace_mean_gap": members["retrace_mean_gap"].mean(),
-            "retrace_mean_abs_gap": members["retrace_mean_abs_gap"].mean(),
-            "dip_nonzero_params": members["dip_nonzero_params"].mean(),
+            **{f"{name}_level": _level_at(lv, getattr(r, f"{name}_index")) if r is not None and
+               getattr(r, f"{name}_index") >= 0 else None for name in ("peak", "dip", "recovery")},
+            "dip_test_acc": at(mean, r.dip_index if r else -1),
+            "dip_sparsity": at(sparsity, r.dip_index if r else -1),
+            "dip_nonzero_params": at(nonzero.mean(axis=1), r.dip_index if r else -1),
+            "recovery_test_acc": at(mean, r.recovery_index if r else -1),
+            "recovery_sparsity": at(sparsity, r.recovery_index if r else -1),
+            **_verdict_columns("sdd", sdd), **_verdict_columns("retrace", retrace),
         })
     frame = pd.DataFrame(rows)
     order = frame["step"].map({"prune": 0, "distill": 1})  # vanilla before distilled
-    return frame.assign(_order=order).sort_values(["family", "noise", "width", "_order", "setting"]) \
+    frame = frame.assign(_order=order).sort_values(["family", "noise", "width", "_order", "setting"]) \
         .drop(columns="_order").reset_index(drop=True)
+    return frame, verdicts
+
+
+def distill_verdicts(chains: pd.DataFrame, levels: pd.DataFrame, groups: pd.DataFrame) -> tuple[pd.DataFrame,
+                                                                                               list[Verdict]]:
+    """Per distilled group: did distillation remove the recovery of the vanilla group with the same start,
+    criterion and retraining? Compared over the dense seeds both have (paired by seed)."""
+    rows, verdicts = [], []
+    if not chains.empty:
+        vanilla = chains[chains["step"] == "prune"]
+        for _group, members in chains[chains["step"] == "distill"].groupby("group", sort=False):
+            first = members.iloc[0]
+            setting = first["setting"].split(" ")[1]  # criterion/retrain
+            same = vanilla[(vanilla["family"] == first["family"]) & (vanilla["width"] == first["width"])
+                           & (vanilla["setting"] == f"prune {setting}")
+                           & vanilla["dense_seed"].isin(members["dense_seed"])]
+            same = same[same["noise"].isna() if pd.isna(first["noise"]) else same["noise"] == first["noise"]]
+            same = same[same["start_epoch"].isna() if pd.isna(first["start_epoch"])
+                        else same["start_epoch"] == first["start_epoch"]]
+            if same.empty:
+                continue
+            van = same[same["group"] == same["group"].iloc[0]].sort_values("dense_seed")
+            dis = members[members["dense_seed"].isin(van["dense_seed"])].sort_values("dense_seed")
+            curves = [_complete(levels[levels["chain_run_id"].isin(ids)], "level", "chain_run_id", "test_acc")
+                      [ids].T.to_numpy() for ids in (van["chain_run_id"].tolist(), dis["chain_run_id"].tolist())]
+            row = groups[groups["group"] == first["group"]]
+            n_test = row["sdd_n_test"].iloc[0] if len(row) else None
+            n_test = None if pd.isna(n_test) else int(n_test)
+            key = {**_group_key(first, dis), "vanilla_group": van["group"].iloc[0],
+                   "vanilla_chain_run_ids": van["chain_run_id"].tolist()}
+            have = n_test is not None and all(c.shape[1] > 0 for c in curves)
+            verdict = Verdict("distill", key, n_test,
+                              stats.distillation_monotonic(curves[0], curves[1], n_test) if have else None)
+            verdicts.append(verdict)
+            rows.append({**{k: v for k, v in key.items() if not k.endswith(("_ids", "seeds"))},
+                         "n_seeds": len(dis), **_verdict_columns("distill", verdict)})
+    return pd.DataFrame(rows), verdicts
 
 
 def distill_pairs(chains: pd.DataFrame) -> pd.DataFrame:
     """Each distilled chain with the vanilla chain of the same dense parent (same start, criterion and
-    retraining if there is one)."""
+    retraining if there is one): the rows of the vanilla-vs-distilled figure."""
     rows = []
     if not chains.empty:
         vanilla = chains[chains["step"] == "prune"]
@@ -376,14 +439,9 @@ def distill_pairs(chains: pd.DataFrame) -> pd.DataFrame:
             v = (exact if len(exact) else same).iloc[0]
             rows.append({"dense_run_id": d["dense_run_id"], "vanilla_run_id": v["chain_run_id"],
                          "distill_run_id": d["chain_run_id"], "vanilla_label": v["label"], "distill_label": d["label"],
-                         "vanilla_max_rise": v["max_rise"], "distill_max_rise": d["max_rise"],
-                         "vanilla_dip_depth": v["dip_depth"], "vanilla_recovery": v["recovery"],
-                         "distill_dip_depth": d["dip_depth"], "distill_recovery": d["recovery"],
                          "vanilla_best_test_acc": v["best_test_acc"], "distill_best_test_acc": d["best_test_acc"]})
     return pd.DataFrame(rows, columns=["dense_run_id", "vanilla_run_id", "distill_run_id", "vanilla_label",
-                                       "distill_label", "vanilla_max_rise", "distill_max_rise", "vanilla_dip_depth",
-                                       "vanilla_recovery", "distill_dip_depth", "distill_recovery",
-                                       "vanilla_best_test_acc", "distill_best_test_acc"])
+                                       "distill_label", "vanilla_best_test_acc", "distill_best_test_acc"])
 
 
 def registered_models(client: MlflowClient, study: Study) -> pd.DataFrame:

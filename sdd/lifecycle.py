@@ -188,12 +188,14 @@ def store_lock(client: MlflowClient, name: str) -> Iterator[None]:
 
 def _break_if_stale(client: MlflowClient, name: str) -> None:
     try:
-        tags = client.get_registered_model(name).tags
+        lock = client.get_registered_model(name)
     except MlflowException:
         return  # released meanwhile
+    tags = lock.tags  # may not be readable yet a moment after creation: the store's own timestamp counts
+    since = float(tags.get("sdd.lock.since") or (lock.creation_timestamp or 0) / 1000 or time.time())
     pid, host = int(tags.get("sdd.lock.pid", "0") or 0), tags.get("sdd.lock.host")
     dead = host == socket.gethostname() and pid > 0 and not tracking.pid_alive(pid)
-    if dead or time.time() - float(tags.get("sdd.lock.since", "0") or 0) > LOCK_STALE_S:
+    if dead or time.time() - since > LOCK_STALE_S:
         log.warning("breaking the lock %s left by process %s on %s", name, pid, host)
         with contextlib.suppress(MlflowException):
             client.delete_registered_model(name)

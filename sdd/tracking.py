@@ -44,7 +44,9 @@ DEFAULT_EXPERIMENT = "sdd"
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
 MAX_BATCH = 1000
 MAX_PARAM_CHARS = 6000
-# MLflow 3.17's UI opens an experiment without this tag on its GenAI overview, not on the runs table.
+# Marks the experiment as model training. MLflow 3.17.2's UI does not act on it yet (checked in a browser:
+# `#/experiments/<id>` opens on the GenAI overview, tagged or not); the `workflowType` URL parameter of
+# every link sdd prints (RUNS_VIEW) is what opens the runs table.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 RUNS_VIEW = "?workflowType=machine_learning"

@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from analysis.figures import FIGURES
-from analysis.report import SUMMARY, analyze_study
-from analysis.summary import dd_peak, dip_and_recovery, max_rise
+from analysis.report import SUMMARY, VERDICTS, analyze_study
+from analysis.summary import dd_peak
 from sdd import tracking
 from sdd.cli import ANALYZE as analysis_cli
 from sdd.config import PruneConfig, TrainConfig, from_flat_dict, to_flat_dict
@@ -62,6 +62,8 @@ DISTILL_PHASES = ["dense", "sweet", "sweet", "sweet", "sweet", "collapsed", "col
                   "collapsed", "collapsed"]
 LEVELS = 10
 EPOCHS = 100
+TEST_SIZE = 1000  # the main study's dense runs record it as a param; the tiny study's as a test dataset input
+TINY_TEST_SIZE = 500
 
 
 def _params(width: int) -> tuple[int, int]:
@@ -97,8 +99,9 @@ class Store:
         self.client.log_text(run_id, json.dumps(trials), "trials.json")
         return run_id
 
-    def dense(self, study: str, stage: str, width: int, noise: float, seed: int, noisy: float, test: float) -> str:
-        flat = {"width": width, "noise": noise, "seed": seed, "epochs": EPOCHS}
+    def dense(self, study: str, stage: str, width: int, noise: float, seed: int, noisy: float, test: float,
+              test_size: int | None = TEST_SIZE) -> str:
+        flat = {"width": width, "noise": noise, "seed": seed, "epochs": EPOCHS, "test_size": test_size}
         cfg = from_flat_dict(TrainConfig, flat)
         prunable, other = _params(width)
         clean = min(1.0, noisy + 0.3)
@@ -107,10 +110,15 @@ class Store:
                  "nonzero_params": prunable + other, "sparsity": 0.0, "entropy": 0.5}
         start = {"test_acc": 0.1, "val_acc": 0.1, "train_acc": 0.1, "train_acc_noisy": 0.1,
                  "num_params": prunable + other}
-        return self.run(f"mnist1d-mlp-w{width}-n{noise:g}-s{seed}",
-                        {"sdd.step": "train", "sdd.config_hash": f"h{width}-{noise}-{seed}", "sdd.study_run_id": study},
-                        parent=stage, params={**to_flat_dict(cfg), "num_params": prunable + other},
-                        metrics={0: start, EPOCHS: final})
+        run_id = self.run(f"mnist1d-mlp-w{width}-n{noise:g}-s{seed}",
+                          {"sdd.step": "train", "sdd.config_hash": f"h{width}-{noise}-{seed}",
+                           "sdd.study_run_id": study},
+                          parent=stage, params={**to_flat_dict(cfg), "num_params": prunable + other},
+                          metrics={0: start, EPOCHS: final})
+        if test_size is None:  # the dataset's default size: only the logged test split tells it
+            tracking.log_datasets(self.client, run_id, "code", {}, [
+                ("mnist1d-test", "test", torch.zeros(TINY_TEST_SIZE, dtype=torch.int64))])
+        return run_id
 
     def chain(self, study: str, dense_id: str, width: int, test: list[float], noisy: list[float],
               entropy: list[float], *, phases: list[str], it_level: int | None, best_level: int | None,
@@ -245,7 +253,7 @@ def world(tmp_path_factory):
     tiny_stage = s.run("sweep dense", {"sdd.step": "sweep", "sdd.stage": "dense", "sdd.study_run_id": tiny},
                        parent=tiny)
     tiny_trials = [_trial(f"w{w}", "train", {"width": w, "noise": 0.2, "seed": 3},
-                          s.dense(tiny, tiny_stage, w, 0.2, 3, NOISY_FIT[0.2][w], TEST_ACC[0.2][w]))
+                          s.dense(tiny, tiny_stage, w, 0.2, 3, NOISY_FIT[0.2][w], TEST_ACC[0.2][w], test_size=None))
                    for w in (8, 16)]
     client.log_text(tiny_stage, json.dumps(tiny_trials), "trials.json")
 
@@ -331,8 +339,8 @@ def test_every_figure_is_written_and_logged(world):
         data = (world["out"] / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000, name
     logged = {a.path for a in world["client"].list_artifacts(world["study"], "report")}
-    expected = {f"report/{n}" for n in [*FIGURES, "report.md", "report.html", SUMMARY, "dense_runs.csv",
-                                        "chain_levels.csv"]}
+    expected = {f"report/{n}" for n in [*FIGURES, "report.md", "report.html", SUMMARY, VERDICTS,
+                                        "dense_runs.csv", "chain_levels.csv"]}
     assert expected <= logged
 
 
@@ -375,15 +383,67 @@ def test_reused_and_missing_runs(world):
 def test_headline_answers(world):
     report = world["report"].read_text()
     assert "**IT at width 64**" in report and "**IT at width 32**" in report
-    assert "**w64, noise 20%**, prune magnitude/lr_rewind (2 seeds): **yes**" in report
-    assert "at level 4 (sparsity 59%) and recovers to 0.73" in report
-    assert "at level 6 (sparsity 73.8%), above the dense model" in report
-    assert "**w256, noise 20%**, prune magnitude/lr_rewind (1 seed): **no recovery after the dip**" in report
-    assert "**yes**: distillation removed the rise" in report
+    # 2 seeds 0.01 apart, 1000 test samples: the SDD dip (0.70 -> 0.62) and recovery (-> 0.73) are many SEs
+    sdd = "**w64, noise 20%**, prune magnitude/lr_rewind (2 seeds): **dip 0.080 ["
+    assert sdd in report
+    line = report.split(sdd)[1].split("\n")[0]
+    assert "then recovery 0.110 [" in line and "p < 0.001, 2 seeds (points 0 -> 4 -> 6)" in line
+    assert "0.623 at level 4 (sparsity 59%)" in line and "0.732 at level 6 (sparsity 73.8%)" in line
+    assert "**w256, noise 20%**, prune magnitude/lr_rewind (1 seed): **one seed: not tested** (dip 0.005 [–, –]" \
+        in report
+    # the DD curve with 2 seeds is tested; with one seed (10% noise) it is not
+    assert "along width: **dip 0.100 [" in report and "p < 0.001, 2 seeds (points 1 -> 3 -> 5)" in report
+    assert "along width: **one seed: not tested** (dip 0.080 [–, –], recovery 0.120 [–, –], p –, 1 seed)" in report
+    # the pruned w64 curve sits far above the dense models of its size (0.73 vs ~0.55 at level 6)
+    assert "**w64, noise 20%**, prune magnitude/lr_rewind (2 seeds): **does not retrace: gap" in report
+    # one distilled seed: nothing to pair it with
+    assert ("distill magnitude/lr_rewind a0.8 T10 vs prune magnitude/lr_rewind (1 common seed): "
+            "**one seed: not tested** (recovery reduction – [–, –], p –, 1 seed)") in report
     assert "would stop at **level 4**" in report
     assert "study file `sweeps/synthetic.yaml`" in report
     for name in FIGURES:
         assert f"]({name})" in report
+
+
+def test_verdicts_are_logged_one_per_curve(world, summary):
+    logged = world["client"].download_artifacts(world["study"], f"report/{VERDICTS}", str(world["out"] / "dlv"))
+    records = json.load(open(logged, encoding="utf-8"))
+    kinds = [r["kind"] for r in records]
+    # one DD curve per noise level; per chain group (w64 prune, w64 distill, w256 prune) sdd + retrace;
+    # one distilled group with its vanilla group
+    assert sorted(kinds) == ["dd"] * 2 + ["distill"] + ["retrace"] * 3 + ["sdd"] * 3
+    for r in records:
+        assert r["n_test"] == TEST_SIZE
+        assert {"effect", "p_value", "seeds", "verdict"} <= set(r["result"]) or \
+            {"difference", "p_value", "seeds", "verdict"} <= set(r["result"]) or \
+            {"recovery_ci", "p_value", "seeds", "verdict"} <= set(r["result"]), r
+        assert r["verdict"] == r["result"]["verdict"]
+    dd = {r["noise"]: r for r in records if r["kind"] == "dd"}
+    assert dd[0.1]["result"]["verdict"] == "one seed: not tested" and dd[0.1]["result"]["seeds"] == 1
+    assert dd[0.2]["result"]["significant"] and dd[0.2]["result"]["seeds"] == 2
+    assert dd[0.2]["widths"] == list(WIDTHS) and dd[0.2]["result"]["dip_index"] == WIDTHS.index(64)
+    sdd = {(r["width"], r["step"]): r for r in records if r["kind"] == "sdd"}
+    vanilla = sdd[64, "prune"]
+    assert sorted(vanilla["chain_run_ids"]) == sorted([world["vanilla0"], world["vanilla1"]])
+    assert vanilla["dense_seeds"] == [0, 1] and vanilla["result"]["significant"]
+    assert (vanilla["result"]["dip_index"], vanilla["result"]["recovery_index"]) == (4, 6)
+    assert vanilla["result"]["p_value"] < 0.001
+    for key in ((256, "prune"), (64, "distill")):
+        assert sdd[key]["result"]["verdict"] == "one seed: not tested", key
+        assert not sdd[key]["result"]["significant"] and sdd[key]["result"]["p_value"] is None, key
+    retrace = {(r["width"], r["step"]): r["result"] for r in records if r["kind"] == "retrace"}
+    assert retrace[64, "prune"]["departs"] and not retrace[64, "prune"]["retraces"]
+    distill = next(r for r in records if r["kind"] == "distill")
+    assert distill["chain_run_ids"] == [world["distilled"]] and distill["vanilla_chain_run_ids"] == [world["vanilla0"]]
+    assert distill["result"]["verdict"] == "one seed: not tested"
+    # summary.csv carries the same verdicts with effect, CI, p-value and seeds
+    rows = summary[summary["kind"].isin(["dd", "sdd", "retrace", "distill"])]
+    assert len(rows) == len(records)
+    for column in ("effect", "ci_low", "ci_high", "p_value", "seeds", "verdict"):
+        assert column in rows.columns
+    row = rows[(rows["kind"] == "sdd") & (rows["width"] == 64) & (rows["setting"] == "prune magnitude/lr_rewind")]
+    assert len(row) == 1 and bool(row["claim"].iloc[0]) and row["seeds"].iloc[0] == 2
+    assert row["effect"].iloc[0] == pytest.approx(0.11) and row["ci_low"].iloc[0] < 0.11 < row["ci_high"].iloc[0]
 
 
 def test_minimal_study_still_draws_everything(world, tmp_path, monkeypatch, capsys):
@@ -397,6 +457,10 @@ def test_minimal_study_still_draws_everything(world, tmp_path, monkeypatch, caps
     for name in FIGURES:
         assert (report.parent / name).stat().st_size > 5_000, name
     text = report.read_text()
+    (dd,) = json.loads((report.parent / VERDICTS).read_text())
+    # n_test from the logged test split (no test_size param); two widths are too few for a dip and recovery
+    assert (dd["kind"], dd["n_test"], dd["result"]["verdict"]) == \
+        ("dd", TINY_TEST_SIZE, "2 points: no dip and recovery to test")
     assert "**no IT in the sweep**" in text
     assert "No finished pruning chains" in text and "No distillation chains in this study." in text
     assert "Nothing: every trial of the study gave a finished run." in text
@@ -419,8 +483,3 @@ def test_bad_threshold_raises_usage_error(world, tmp_path):
 def test_curve_shapes():
     assert dd_peak([0.45, 0.38, 0.40, 0.48, 0.40, 0.34]) == 3  # rises most above the best smaller model
     assert dd_peak([0.5, 0.4, 0.3]) is None  # error only falls with width
-    dip = dip_and_recovery(VANILLA_TEST)
-    assert (dip.dip_level, dip.recovery_level) == (4, 6) and dip.shows(0.01)
-    decline = dip_and_recovery(WIDE_TEST)
-    assert (decline.dip_level, decline.recovery_level, decline.shows(0.01)) == (10, None, False)
-    assert max_rise(DISTILL_TEST) == pytest.approx(0.005) and max_rise(VANILLA_TEST) == pytest.approx(0.11)

@@ -205,15 +205,15 @@ def test_registry_alias_round_trip(env):
 @pytest.mark.slow
 def test_kill_inside_a_level_is_continued_in_that_level_run(env, tmp_path):
     # The process SIGKILLs itself inside level 2, right after that level's resume checkpoint at epoch
-    # 300 (an event, not a moment raced for): the run again continues the chain and that level's
+    # 150 (an event, not a moment raced for): the run again continues the chain and that level's
     # own run from the checkpoint.
-    opts = ["--levels", "2", "--epochs", "600", "--eval-every", "100", "--resume-every", "0", "--register", "false",
+    opts = ["--levels", "2", "--epochs", "300", "--eval-every", "50", "--resume-every", "0", "--register", "false",
             "--seed", "7"]
-    fault_env = {faults.FAULT_VAR: "level-2-saved-300:1:kill", faults.DIR_VAR: str(tmp_path),
-                 faults.SNAPSHOT_VAR: "300"}
+    fault_env = {faults.FAULT_VAR: "level-2-saved-150:1:kill", faults.DIR_VAR: str(tmp_path),
+                 faults.SNAPSHOT_VAR: "150"}
     proc = run_cli("prune", "--parent", env["run_id"], *opts, cwd=env["folder"], env=fault_env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    killed = json.loads((tmp_path / "level-2-saved-300.json").read_text())
+    killed = json.loads((tmp_path / "level-2-saved-150.json").read_text())
     client = tracking.get_client()
     interrupted = client.get_run(killed["run_id"])
     assert interrupted.info.status == "RUNNING" and interrupted.data.tags["sdd.level"] == "2"
@@ -227,14 +227,14 @@ def test_kill_inside_a_level_is_continued_in_that_level_run(env, tmp_path):
     assert all(r.info.status == "FINISHED" for r in levels)
     again = next(r for r in levels if r.info.run_id == interrupted.info.run_id)  # the same run, continued
     assert again.data.tags["sdd.restarts"] == "1" and "sdd.error" not in again.data.tags
-    assert again.data.tags["sdd.resumed_from_epoch"] == "300"  # from its checkpoint, not from the start
+    assert again.data.tags["sdd.resumed_from_epoch"] == "150"  # from its checkpoint, not from the start
     assert all(tracking.list_artifacts(client, r.info.run_id, "level") == ["level/weights.pt"] for r in levels)
     for run in levels:  # every evaluation of every level once: none lost, none twice
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == \
-            list(range(100, 601, 100))
+            list(range(50, 301, 50))
     assert sorted(m.step for m in client.get_metric_history(chain_id, "test_acc")) == [0, 1, 2]
     # The continued chain equals an uninterrupted one with the same seeds, bit for bit on CPU.
-    fresh = run_prune(PruneConfig(parent=env["run_id"], levels=2, epochs=600, eval_every=100, register=False,
+    fresh = run_prune(PruneConfig(parent=env["run_id"], levels=2, epochs=300, eval_every=50, register=False,
                                   seed=7, force=True))
     for a, b in zip(levels, _levels(client, fresh.run_id)):
         for key in ("test_acc", "train_loss", "val_acc", "learning_distance"):

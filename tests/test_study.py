@@ -43,8 +43,10 @@ def test_tiny_study_end_to_end(ray_local, store, tmp_path, capsys):  # noqa: F81
     report = Path(next(line for line in out if line.startswith("study finished in")).split("report: ")[1])
     assert report.name == "report.md" and report.is_file()
     assert report.parent == tmp_path / "reports" / f"tiny-{study_run.info.run_id[:8]}"
-    assert "browse the study: http://127.0.0.1:5000/#/experiments/" in out and f"mlflow ui --backend-store-uri {store}" in out
-    assert "report/report.html" in out
+    (browse,) = [line for line in out if line.startswith("browse the study: ")]
+    assert f"http://127.0.0.1:5000/#/experiments/{study_run.info.experiment_id}/runs/{study_run.info.run_id}" \
+        f"?workflowType=machine_learning" in browse and f"mlflow ui --backend-store-uri {store}" in browse
+    assert "report/report.html" in browse
     client = MlflowClient(store)
     assert "report/report.md" in [a.path for a in client.list_artifacts(study_run.info.run_id, "report")]
     assert client.get_run(study_run.info.run_id).data.metrics["wall_time_s"] > 0
@@ -153,7 +155,10 @@ def check_report_against_runs(client: MlflowClient, report_dir: Path, study_id: 
                     expect(where, key, row[key], history[chain_id][key][level], f"{key} at step {level}")
 
     summary = _rows(report_dir / "summary.csv")
-    assert {r["kind"] for r in summary} == {"dd", "chain", "registered_model"}, "summary.csv row kinds"
+    # verdict rows (sdd, retrace per chain group; distill per distilled group) sit beside the tables' rows
+    assert {r["kind"] for r in summary} - {"sdd", "retrace", "distill"} == {"dd", "chain", "registered_model"}, \
+        "summary.csv row kinds"
+    assert {"sdd", "retrace"} <= {r["kind"] for r in summary}, "summary.csv verdict rows"
     chain_rows = {r["chain_run_id"]: r for r in summary if r["kind"] == "chain"}
     assert sorted(chain_rows) == sorted(chains), "summary.csv chain rows vs the sdd.step=prune|distill runs"
     for chain_id, row in chain_rows.items():
