@@ -29,7 +29,7 @@ from sdd.measures import activation_entropy, forward_flops, learning_distance
 from sdd.phases import LEVEL_PHASES, best_level, entropy_early_stop, pruning_threshold, sdd_phases
 from sdd.problem import Problem, build_model, load_problem, resolve_device
 from sdd.progress import Progress
-from sdd.training import Recipe, cross_entropy, fit
+from sdd.training import cross_entropy, fit
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,6 @@ class Chain:
         return {m.step for m in self.client.get_metric_history(self.chain_id, key)}
 
     def run(self) -> dict[str, float]:
-        cfg = self.cfg
         done = self._finished_levels()
         history: list[dict[str, float]] = []
         logged = self._chain_steps("test_acc")

@@ -13,7 +13,6 @@ import json
 import math
 import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 

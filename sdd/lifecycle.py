@@ -175,7 +175,9 @@ def store_lock(client: MlflowClient, name: str) -> Iterator[None]:
             client.create_registered_model(name, tags=me, description="sdd: a lock held for a moment")
             break
         except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            # Taken; or (a tracking server with several workers) released while this request raced
+            # with it: either way not ours, so try again.
+            if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         _break_if_stale(client, name)
         time.sleep(POLL_S)

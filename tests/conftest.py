@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +85,47 @@ def enter_store(monkeypatch: pytest.MonkeyPatch, world: dict) -> dict:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(world["folder"])
     return world
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(backend_uri: str, artifacts: Path, port: int, workers: int = 1) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1, in its own session (stop it with `stop_group`)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", backend_uri, "--default-artifact-root", str(artifacts), "--workers", str(workers)],
+        # Without the job executor's seven processes, which no test uses: it starts and stops much faster.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_for_port(server: subprocess.Popen, port: int) -> None:
+    """Until the server accepts connections on `port`; fails at once if it exits."""
+    deadline = time.time() + WAIT_S
+    while time.time() < deadline:
+        assert server.poll() is None, f"server exited ({server.returncode})"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.25)
+    pytest.fail(f"nothing listened on port {port} within {WAIT_S:.0f}s")
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """End a process started in its own session and everything it started: SIGTERM, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(WAIT_S)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = WAIT_S) -> subprocess.CompletedProcess:

@@ -14,22 +14,18 @@ Set SDD_RUNS_TREE_PNG=docs/runs-tree.png to refresh the screenshot in the docs.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
 import select
-import signal
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, WAIT_S, shared_store, tiny_train
+from conftest import ROOT, free_port, shared_store, start_mlflow_server, stop_group, tiny_train, wait_for_port
 
 from sdd import tracking
 from sdd.chain import run_prune
@@ -50,24 +46,6 @@ def _chromium() -> str | None:
     return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(server: subprocess.Popen, port: int) -> None:
-    deadline = time.time() + WAIT_S
-    while time.time() < deadline:
-        assert server.poll() is None, f"mlflow server exited ({server.returncode})"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.25)
-    pytest.fail("mlflow server did not start")
-
-
 def _visible_text(html: str) -> str:
     """The page's text as a person reads it: no scripts, styles or markup."""
     html = re.sub(r"<(script|style)\b.*?</\1>", " ", html, flags=re.S | re.I)
@@ -77,18 +55,6 @@ def _visible_text(html: str) -> str:
 def _headless(binary: str, profile: Path) -> list[str]:
     return [binary, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", f"--user-data-dir={profile}",
             f"--window-size={WINDOW[0]},{WINDOW[1]}"]
-
-
-def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """End a process started in its own session, and everything it started."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(grace_s)
 
 
 def _dump_dom(binary: str, url: str, profile: Path) -> str:
@@ -106,7 +72,7 @@ def _dump_dom(binary: str, url: str, profile: Path) -> str:
         except subprocess.TimeoutExpired:
             html = ""
         finally:
-            _stop(proc)
+            stop_group(proc)
         text = _visible_text(html)
         if "matching runs" in text or any(s in text for s in GENAI_OVERVIEW):
             return text
@@ -176,7 +142,7 @@ class _Cdp:
             time.sleep(0.2)
 
     def close(self) -> None:
-        _stop(self.proc)
+        stop_group(self.proc)
         os.close(self._in)
         os.close(self._out)
 
@@ -222,15 +188,9 @@ def ui(request, tmp_path_factory):
                     "install one, e.g. `apt-get install -y chromium`, to test the MLflow UI")
     folder = tmp_path_factory.mktemp("browser")
     with shared_store(folder, request.getfixturevalue("empty_store")) as world:
-        port = _free_port()
-        # Started first: it boots (seconds) while the steps train in this process. Without the job executor
-        # (seven huey consumers, which the pages shown here do not use) it starts and stops much faster.
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", world["uri"], "--default-artifact-root", str(folder / "artifacts"),
-             "--workers", "1"],
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        port = free_port()
+        # Started first: it boots (seconds) while the steps train in this process.
+        server = start_mlflow_server(world["uri"], folder / "artifacts", port)
         try:
             dense = {w: run_train(tiny_train(width=w, epochs=10), tracking_uri=world["uri"], experiment="browser")
                      for w in WIDTHS}
@@ -238,7 +198,7 @@ def ui(request, tmp_path_factory):
                                           device="cpu"), tracking_uri=world["uri"])
             client = tracking.get_client(world["uri"])
             runs = {r.info.run_id: r for r in client.search_runs([client.get_run(chain.run_id).info.experiment_id])}
-            _wait_for(server, port)
+            wait_for_port(server, port)
             yield {
                 "binary": binary, "folder": folder, "profile": folder / "profile", "client": client,
                 "uri": f"http://127.0.0.1:{port}",
@@ -248,7 +208,7 @@ def ui(request, tmp_path_factory):
                 "levels": sorted(r.info.run_name for r in runs.values() if r.data.tags.get("sdd.step") == "level"),
             }
         finally:
-            _stop(server)
+            stop_group(server)
 
 
 def test_printed_link_opens_the_runs_table_and_the_plain_page_of_an_untagged_experiment_the_overview(ui):

@@ -4,15 +4,13 @@ identical steps started at the same moment make one run."""
 import multiprocessing as mp
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import WAIT_S
+from conftest import WAIT_S, free_port, start_mlflow_server, stop_group, wait_for_port
 
 from sdd import lifecycle, registry, tracking
 
@@ -80,46 +78,9 @@ def _check(uri: str) -> None:
     assert not client.search_registered_models(f"name LIKE '{lifecycle.LOCK_PREFIX}%'")  # every lock released
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(folder, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-                             "--default-artifact-root", str(folder / "artifacts"), "--workers", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            # without the job runner's seven processes, which these tests do not use
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-
-
-def _stop(server: subprocess.Popen) -> None:
-    """SIGTERM the server's process group; SIGKILL it if it has not stopped in time (a loaded machine)."""
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(WAIT_S)
-
-
-def _wait_for(server: subprocess.Popen, port: int) -> None:
-    deadline = time.time() + WAIT_S
-    while time.time() < deadline:
-        assert server.poll() is None, f"mlflow server exited ({server.returncode})"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail("mlflow server did not start")
-
-
 def test_concurrent_writers_into_sqlite_and_into_a_tracking_server(tmp_path):
-    port = _free_port()
-    server = _start_server(tmp_path, port)
+    port = free_port()
+    server = start_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts", port, workers=2)
     try:
         # The writers import while the server starts; they race into sqlite first, the server second.
         uris = [f"sqlite:///{tmp_path / 'mlflow.db'}", f"http://127.0.0.1:{port}"]
@@ -130,7 +91,7 @@ def test_concurrent_writers_into_sqlite_and_into_a_tracking_server(tmp_path):
         procs = [ctx.Process(target=_writer, args=(uris, i, barrier, server_up, errors)) for i in range(WRITERS)]
         for p in procs:
             p.start()
-        _wait_for(server, port)
+        wait_for_port(server, port)
         server_up.set()
         for p in procs:
             p.join(WAIT_S)
@@ -142,7 +103,7 @@ def test_concurrent_writers_into_sqlite_and_into_a_tracking_server(tmp_path):
         for uri in uris:
             _check(uri)
     finally:
-        _stop(server)
+        stop_group(server)
 
 
 TINY_TRAIN = ["train", "--train-size", "300", "--test-size", "100", "--val-size", "50", "--width", "16",
@@ -170,12 +131,12 @@ def _runs_by_step(client) -> dict[str, list]:
 
 
 def test_identical_steps_started_at_once_make_one_run(tmp_path):
-    port = _free_port()
-    server = _start_server(tmp_path, port)
+    port = free_port()
+    server = start_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts", port, workers=2)
     try:
         sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
         tracking.get_client(sqlite)  # the schema exists before the twins race to use it
-        _wait_for(server, port)
+        wait_for_port(server, port)
         for uri in (sqlite, f"http://127.0.0.1:{port}"):
             client = tracking.get_client(uri)
             dense_ids = _twins(uri, TINY_TRAIN)
@@ -188,4 +149,4 @@ def test_identical_steps_started_at_once_make_one_run(tmp_path):
             assert sorted(r.data.tags["sdd.level"] for r in runs["level"]) == ["1", "2"], uri
             assert all(r.info.status == "FINISHED" for group in runs.values() for r in group), uri
     finally:
-        _stop(server)
+        stop_group(server)

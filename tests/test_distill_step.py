@@ -1,7 +1,6 @@
 """The `distill` step: teacher resolution, lineage, bad teachers, and the entropy early stop."""
 
 import pytest
-import torch
 from torch import nn
 
 from conftest import enter_store, shared_store, tiny_train
