@@ -138,8 +138,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 # The longest test files (seconds under `make test`), started first so that the two xdist workers
 # (one file at a time each) finish together instead of one waiting on a long file started last.
-LONGEST_FIRST = ("test_concurrency.py", "test_sweep.py", "test_train_step.py", "test_kill_resume.py",
-                 "test_prune_step.py", "test_mlproject.py", "test_study.py", "test_cluster.py", "test_bench.py",
+LONGEST_FIRST = ("test_kill_resume.py", "test_concurrency.py", "test_cluster.py", "test_study.py", "test_sweep.py",
+                 "test_train_step.py", "test_mlproject.py", "test_prune_step.py", "test_bench.py",
                  "test_browser.py")
 
 
