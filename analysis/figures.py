@@ -21,7 +21,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
-from analysis.summary import Analysis, dense_reference, select
+from analysis import stats
+from analysis.runs import select
+from analysis.summary import Analysis, dense_reference
+from sdd.phases import NEVER_INTERPOLATED, NO_IT, sdd_phases
 
 PHASE_COLORS = {"light": "#9ecae1", "critical": "#fc9272", "sweet": "#a1d99b", "collapsed": "#bdbdbd"}
 # Density ticks, labelled as sparsity: fine ones for short chains, coarse ones once they would crowd.
@@ -140,7 +143,7 @@ def dd_figure(a: Analysis, path: Path) -> Path:
         else:
             it_text = "no IT: " + ("no noisy labels" if not it["noisy_fit_available"]
                                    else f"no width fits the noisy labels to {a.threshold:g}")
-        band = f"{seeds} seeds; band: min–max over seeds" if spread else "1 seed: no spread band"
+        band = f"{seeds} seeds; band: 95% CI of the mean" if spread else "1 seed: no band"
         for row, xcol in ((0, "width"), (1, "num_params")):
             ax = axes[row, j]
             x = part[xcol].to_numpy(float)
@@ -150,7 +153,7 @@ def dd_figure(a: Analysis, path: Path) -> Path:
                     continue
                 ax.plot(x, mean, color=color, ls=style, marker="o", ms=3.5, label=label)
                 if spread:
-                    ax.fill_between(x, part[f"{metric}_min"], part[f"{metric}_max"], color=color, alpha=0.15, lw=0)
+                    ax.fill_between(x, part[f"{metric}_lo"], part[f"{metric}_hi"], color=color, alpha=0.15, lw=0)
             if not pd.isna(it["it_width"]):
                 ax.axvline(it["it_width"] if xcol == "width" else it["it_num_params"], color="k", ls="-.", lw=1.2,
                            label=f"interpolation threshold (noisy-subset fit ≥ {a.threshold:g})")
@@ -161,7 +164,7 @@ def dd_figure(a: Analysis, path: Path) -> Path:
             ax.grid(alpha=0.3)
             ax.set_title(f"{family}, {_noise_label(noise)}: {it_text}\n{band}", fontsize=9)
     _figure_legend(fig, axes)
-    fig.suptitle("Deep double descent: error vs model size\n(mean over seeds)")
+    fig.suptitle("Deep double descent: error vs model size\n(mean over seeds, 95% CI bands)")
     return _save(fig, path)
 
 
@@ -179,54 +182,98 @@ def _figure_legend(fig: Figure, axes: np.ndarray, extra: Sequence = (), ncol: in
 
 # --- SDD curves -----------------------------------------------------------------------------------
 
+def group_curves(a: Analysis, members: pd.DataFrame, n_test: int | None) -> pd.DataFrame:
+    """One seed group's curve per level: mean and 95% CI band over its chains (seeds) of the test and
+    noisy-subset accuracy, mean density and nonzero parameters. Each level uses the seeds that reached it."""
+    table = a.levels[a.levels["chain_run_id"].isin(members["chain_run_id"])]
+    out = table.groupby("level")[["density", "nonzero_params"]].mean()
+    for metric, floor in (("test_acc", n_test), ("train_acc_noisy", None)):
+        wide = table.pivot_table(index="level", columns="chain_run_id", values=metric).reindex(out.index)
+        mean, low, high = stats.seed_band(wide.T.to_numpy(), floor) if wide.size else ([], [], [])
+        out[f"{metric}_mean"], out[f"{metric}_lo"], out[f"{metric}_hi"] = mean, low, high
+    out["seeds"] = table.groupby("level")["chain_run_id"].nunique()
+    return out.reset_index()
+
+
+def _it_text(members: pd.DataFrame, threshold: float) -> tuple[str, list[int]]:
+    """The group's IT as its chains have it (only where the dense parent interpolated), and the IT levels."""
+    statuses = members["it_status"].tolist()
+    levels = sorted({int(s) for s in statuses if s not in (NO_IT, NEVER_INTERPOLATED)})
+    never = statuses.count(NEVER_INTERPOLATED)
+    if levels:
+        text = f"IT level {', '.join(map(str, levels))}"
+    elif never:
+        fit = members["dense_noisy_fit"].mean()
+        text = f"never interpolated (dense noisy fit {fit:.3f} < {threshold:g})"
+    else:
+        text = "no IT: noisy labels stay fitted"
+    others = len(statuses) - sum(s not in (NO_IT, NEVER_INTERPOLATED) for s in statuses) if levels else 0
+    return text + (f"; {others} of {len(statuses)} seeds without" if others else ""), levels
+
+
+def _group_members(a: Analysis) -> list[tuple[dict, pd.DataFrame]]:
+    if a.groups.empty or a.chains.empty:
+        return []
+    return [(g, a.chains[a.chains["group"] == g["group"]]) for g in a.groups.to_dict("records")]
+
+
+def _n_test(group: dict) -> int | None:
+    value = group.get("sdd_n_test")
+    return None if value is None or pd.isna(value) else int(value)
+
+
 def sdd_figure(a: Analysis, path: Path) -> Path:
-    """Test accuracy and noisy-subset train accuracy vs sparsity per chain, phases shaded."""
-    chains = a.chains.to_dict("records")
-    ncols = min(3, max(1, len(chains)))
-    nrows = max(1, math.ceil(len(chains) / ncols))
+    """Per group of chains differing only in the seed: mean test accuracy and noisy-subset train accuracy
+    vs sparsity with 95% CI bands over seeds, phases of the mean curve shaded, the chains' IT levels marked."""
+    groups = _group_members(a)
+    ncols = min(3, max(1, len(groups)))
+    nrows = max(1, math.ceil(len(groups) / ncols))
     fig, axes = _figure(nrows, ncols, 4.8, 3.2)
-    for ax in axes.flat[len(chains):]:
+    for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
-    if not chains:
+    if not groups:
         axes[0, 0].set_visible(True)
         _note(axes[0, 0], "no finished pruning chains in this study")
-    for ax, chain in zip(axes.flat, chains):
-        h = _chain_history(a, chain["chain_run_id"])
+    for ax, (group, members) in zip(axes.flat, groups):
+        h = group_curves(a, members, _n_test(group))
         if h.empty:
-            _note(ax, f"{chain['label']}:\nno level metrics logged")
+            _note(ax, f"{group['group']}:\nno level metrics logged")
             continue
         dens = h["density"].tolist()
-        _shade_phases(ax, dens, h["phase"].tolist())
-        ax.plot(dens, h["test_acc"], color="C3", marker="o", ms=3, label="test accuracy")
-        if h["train_acc_noisy"].notna().any():
-            ax.plot(dens, h["train_acc_noisy"], color="C2", ls="--", marker=".", ms=3,
-                    label="train accuracy on the noisy-label subset")
-        ax.axhline(h["test_acc"].iloc[0], color="C3", lw=0.8, ls=":", label="dense test accuracy")
-        if not pd.isna(chain["it_level"]):
-            ax.axvline(h.loc[h["level"] == chain["it_level"], "density"].iloc[0], color="k", ls="-.", lw=1,
-                       label="interpolation threshold (IT) level")
-            it_text = f"IT level {int(chain['it_level'])}"
-        else:
-            it_text = "no IT: noisy labels stay fitted"
-        best = h[h["level"] == chain["best_level"]] if not pd.isna(chain["best_level"]) else h.iloc[0:0]
-        if len(best):
-            ax.plot(best["density"], best["test_acc"], marker="*", ms=11, color="gold", mec="k", ls="",
-                    label="best level by val_acc")
+        noisy = h["train_acc_noisy_mean"].fillna(1.0).tolist()
+        _shade_phases(ax, dens, sdd_phases(h["test_acc_mean"].tolist(), noisy, a.threshold))
+        ax.plot(dens, h["test_acc_mean"], color="C3", marker="o", ms=3, label="test accuracy (mean)")
+        ax.fill_between(dens, h["test_acc_lo"], h["test_acc_hi"], color="C3", alpha=0.2, lw=0)
+        if h["train_acc_noisy_mean"].notna().any():
+            ax.plot(dens, h["train_acc_noisy_mean"], color="C2", ls="--", marker=".", ms=3,
+                    label="train accuracy on the noisy-label subset (mean)")
+            ax.fill_between(dens, h["train_acc_noisy_lo"], h["train_acc_noisy_hi"], color="C2", alpha=0.15, lw=0)
+        ax.axhline(h["test_acc_mean"].iloc[0], color="C3", lw=0.8, ls=":", label="dense test accuracy")
+        it_text, it_levels = _it_text(members, a.threshold)
+        for level in it_levels:
+            at = h.loc[h["level"] == level, "density"]
+            if len(at):
+                ax.axvline(at.iloc[0], color="k", ls="-.", lw=1, label="interpolation threshold (IT) level")
         _sparsity_axis(ax, dens)
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-        tag = "" if pd.isna(chain["phases_match"]) else ("; tag agrees" if chain["phases_match"] else "; TAG DIFFERS")
-        ax.set_title(f"{chain['label']}, {_noise_label(chain['noise'])}\n{it_text}{tag}", fontsize=8)
-    _figure_legend(fig, axes, _phase_handles() if chains else ())
-    fig.suptitle(f"Sparse double descent per chain\n(phases recomputed; IT where the noisy-subset fit drops "
-                 f"below {a.threshold:g})")
+        seeds = len(members)
+        first = members.iloc[0]
+        start = f"w{first['width']}" + (f" e{first['start_epoch']}" if not pd.isna(first["start_epoch"]) else "")
+        ax.set_title(f"{start} {first['setting']}{' ' + first['variant'] if first.get('variant') else ''}, "
+                     f"{_noise_label(first['noise'])}\n{seeds} seed{'s' if seeds != 1 else ''}"
+                     f"{'; band: 95% CI' if seeds > 1 else ''}; {it_text}", fontsize=8)
+    _figure_legend(fig, axes, _phase_handles() if groups else ())
+    fig.suptitle(f"Sparse double descent, mean over seeds\n(phases of the mean curve; IT where a dense parent that "
+                 f"fitted its noisy labels to {a.threshold:g} drops below it)")
     return _save(fig, path)
 
 
 # --- trajectories on the DD curve -----------------------------------------------------------------
 
 def trajectory_figure(a: Analysis, path: Path) -> Path:
-    """The dense DD curve and every chain on one log axis of nonzero parameters."""
+    """The dense DD curve and every group of chains (mean over seeds, 95% CI bands) on one log axis of
+    nonzero parameters."""
     keys = set(a.thresholds[["family", "noise"]].itertuples(index=False, name=None))
     if not a.chains.empty:
         keys |= set(a.chains[["family", "noise"]].itertuples(index=False, name=None))
@@ -235,13 +282,14 @@ def trajectory_figure(a: Analysis, path: Path) -> Path:
     if not panels:
         _note(axes[0, 0], "no finished runs to draw")
     color = _width_colors(a.chains["width"].tolist() if not a.chains.empty else [])
+    groups = _group_members(a)
     for ax, (family, noise) in zip(axes.flat, panels):
         ref = dense_reference(a.curve, family, noise)
         if len(ref):
             x = ref["num_params"].to_numpy(float)
             ax.plot(x, ref["test_acc_mean"], color="k", lw=2, marker="s", ms=4, label="dense DD curve (mean)", zorder=3)
             if ref["n_seeds"].max() >= 2:
-                ax.fill_between(x, ref["test_acc_min"], ref["test_acc_max"], color="k", alpha=0.12, lw=0)
+                ax.fill_between(x, ref["test_acc_lo"], ref["test_acc_hi"], color="k", alpha=0.12, lw=0)
             for xi, yi, w in zip(x, ref["test_acc_mean"], ref["width"]):
                 ax.annotate(f"w{w:g}", (xi, yi), textcoords="offset points", xytext=(0, 6), fontsize=6,
                             ha="center", color="0.25")
@@ -252,24 +300,30 @@ def trajectory_figure(a: Analysis, path: Path) -> Path:
         else:
             ax.text(0.02, 0.95, "no finished dense runs: no DD curve", transform=ax.transAxes, fontsize=8,
                     color="0.3", va="top")
-        chains = select(a.chains, family, noise) if not a.chains.empty else a.chains
-        for chain in chains.to_dict("records"):
-            h = _chain_history(a, chain["chain_run_id"])
-            c = color(chain["width"])
-            ls = "--" if chain["step"] == "distill" else "-"
-            ax.plot(h["nonzero_params"], h["test_acc"], color=c, ls=ls, marker=".", ms=4, lw=1.2,
-                    label=f"chain {chain['label']}")
-            ax.plot(h["nonzero_params"].iloc[:1], h["test_acc"].iloc[:1], color=c, marker="o", ms=8, mec="k", ls="")
+        mine = [(g, m) for g, m in groups if g["family"] == family
+                and (pd.isna(noise) and pd.isna(g["noise"]) or g["noise"] == noise)]
+        for group, members in mine:
+            h = group_curves(a, members, _n_test(group))
+            c = color(group["width"])
+            ls = "--" if group["step"] == "distill" else "-"
+            first = members.iloc[0]
+            label = f"w{first['width']} {first['setting']}" + (f" {first['variant']}" if first.get("variant") else "")
+            ax.plot(h["nonzero_params"], h["test_acc_mean"], color=c, ls=ls, marker=".", ms=4, lw=1.2,
+                    label=f"chains {label} ({len(members)} seed{'s' if len(members) != 1 else ''})")
+            if len(members) > 1:
+                ax.fill_between(h["nonzero_params"], h["test_acc_lo"], h["test_acc_hi"], color=c, alpha=0.15, lw=0)
+            ax.plot(h["nonzero_params"].iloc[:1], h["test_acc_mean"].iloc[:1], color=c, marker="o", ms=8, mec="k",
+                    ls="")
 
         ax.set_xscale("log")
         ax.set_xlabel("nonzero parameters (log)")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-        how = "no pruning chains at this noise level" if chains.empty else \
-            "chains start at ● and run leftwards; dashed = distilled"
+        how = "no pruning chains at this noise level" if not mine else \
+            "chains start at ● and run leftwards; dashed = distilled; bands: 95% CI over seeds"
         ax.set_title(f"{family}, {_noise_label(noise)}\n({how})", fontsize=9)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-    fig.suptitle("Does pruning retrace the dense DD curve?\nTest accuracy vs nonzero parameters")
+    fig.suptitle("Does pruning retrace the dense DD curve?\nTest accuracy vs nonzero parameters (means over seeds)")
     return _save(fig, path)
 
 
@@ -314,37 +368,60 @@ def entropy_figure(a: Analysis, path: Path) -> Path:
 
 # --- vanilla vs distilled -------------------------------------------------------------------------
 
+DISTILL_ROWS = (("test_acc", "test accuracy"), ("train_acc_noisy", "train accuracy, noisy-label subset"))
+
+
+def _distill_starts(a: Analysis) -> list[tuple[tuple, list]]:
+    """The distillation verdicts (a distilled group and its vanilla group, over their common seeds) by parent
+    start: family, noise, width and start epoch."""
+    starts: dict[tuple, list] = {}
+    for v in a.verdicts:
+        if v.kind == "distill":
+            k = v.key
+            start = (k["family"], _noise_label(k["noise"]), k["width"], None if pd.isna(k["start_epoch"])
+                     else k["start_epoch"])
+            starts.setdefault(start, []).append(v)
+    return list(starts.items())
+
+
 def distill_figure(a: Analysis, path: Path) -> Path:
-    """Vanilla and distilled chains of the same dense parent side by side."""
-    pairs = a.pairs.to_dict("records")
-    fig, axes = _figure(max(1, len(pairs)), 2, 4.8, 3.4)
-    if not pairs:
+    """Per parent start (a column): the vanilla and the distilled chains' mean test accuracy and noisy-subset
+    train accuracy vs sparsity, with 95% CI bands over the seeds their distillation verdict compares."""
+    starts = _distill_starts(a)
+    fig, axes = _figure(len(DISTILL_ROWS), max(1, len(starts)), 4.8, 3.2)
+    if not starts:
         has_distill = not a.chains.empty and (a.chains["step"] == "distill").any()
-        text = "no distilled chain has a vanilla chain of the same dense parent" if has_distill \
+        text = "no distilled chain has a vanilla chain of the same start" if has_distill \
             else "no distillation chains in this study"
-        _note(axes[0, 0], text)
-        _note(axes[0, 1], text)
-    for row, pair in enumerate(pairs):
-        vanilla = _chain_history(a, pair["vanilla_run_id"])
-        densities = vanilla["density"].tolist() + _chain_history(a, pair["distill_run_id"])["density"].tolist()
-        for col, (key, title) in enumerate((("vanilla", "vanilla pruning"), ("distill", "pruning + distillation"))):
+        for ax in axes.flat:
+            _note(ax, text)
+    for col, ((family, noise, width, epoch), verdicts) in enumerate(starts):
+        seeds = max(len(v.key["chain_run_ids"]) for v in verdicts)
+        densities: list[float] = []
+        for i, v in enumerate(verdicts):
+            for ids, name, ls in ((v.key["vanilla_chain_run_ids"], "vanilla", "-"),
+                                  (v.key["chain_run_ids"], "distilled", "--")):
+                members = a.chains[a.chains["chain_run_id"].isin(ids)]
+                h = group_curves(a, members, v.n_test)
+                setting = members["setting"].iloc[0] if len(members) else "?"
+                densities += h["density"].tolist()
+                for row, (metric, _label) in enumerate(DISTILL_ROWS):
+                    ax = axes[row, col]
+                    ax.plot(h["density"], h[f"{metric}_mean"], color=f"C{i}", ls=ls, marker=".", ms=4,
+                            label=f"{name}: {setting} ({len(ids)} seed{'s' if len(ids) != 1 else ''})")
+                    ax.fill_between(h["density"], h[f"{metric}_lo"], h[f"{metric}_hi"], color=f"C{i}", alpha=0.15,
+                                    lw=0)
+        for row, (_metric, label) in enumerate(DISTILL_ROWS):
             ax = axes[row, col]
-            h = _chain_history(a, pair[f"{key}_run_id"])
-            _shade_phases(ax, h["density"].tolist(), h["phase"].tolist())
-            ax.plot(h["density"], h["test_acc"], color="C3", marker="o", ms=3, label="test accuracy")
-            if h["train_acc_noisy"].notna().any():
-                ax.plot(h["density"], h["train_acc_noisy"], color="C2", ls="--", marker=".", ms=3,
-                        label="train accuracy on the noisy-label subset")
-            if key == "distill":
-                ax.plot(vanilla["density"], vanilla["test_acc"], color="0.4", lw=1, ls=":",
-                        label="vanilla chain's test accuracy")
             _sparsity_axis(ax, densities)
-            ax.set_ylabel("accuracy")
+            ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-            ax.set_title(f"{title}: {pair[f'{key}_label']}", fontsize=8)
-        axes[row, 1].sharey(axes[row, 0])
-    _figure_legend(fig, axes, _phase_handles() if pairs else ())
-    fig.suptitle("Does distillation make the SDD curve monotonic?\n(one dense parent per row)")
+        start = f"w{width}" + (f" from epoch {epoch}" if epoch is not None else "")
+        band = "band: 95% CI over seeds" if seeds > 1 else "1 seed: no band"
+        axes[0, col].set_title(f"{family}, {noise}: start {start}\n{band}", fontsize=8)
+    _figure_legend(fig, axes, ncol=2)
+    fig.suptitle("Does distillation make the SDD curve monotonic?\n(mean over seeds; one parent start per column; "
+                 "solid = vanilla, dashed = distilled)")
     return _save(fig, path)
 
 
@@ -353,7 +430,7 @@ FIGURES: dict[str, tuple[Callable[[Analysis, Path], Path], str]] = {
     "sdd_curves.png": (sdd_figure, "Sparse double descent per chain: test and noisy-subset accuracy, phases"),
     "trajectory.png": (trajectory_figure, "Pruning trajectories overlaid on the dense DD curve"),
     "entropy_distance.png": (entropy_figure, "Entropy and learning distance vs sparsity, entropy early stop"),
-    "distill_vs_vanilla.png": (distill_figure, "Vanilla vs distilled chains of the same dense parent"),
+    "distill_vs_vanilla.png": (distill_figure, "Vanilla vs distilled chains from the same start, mean over seeds"),
 }
 
 

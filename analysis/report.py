@@ -23,13 +23,15 @@ from mlflow.entities import Run
 
 from analysis.figures import FIGURES, draw_all
 from analysis.html import render_html
-from analysis.runs import load_study, resolve_study
-from analysis.summary import Analysis, analyse, select
+from analysis.runs import Study, load_study, resolve_study, select
+from analysis.summary import Analysis, analyse
+from sdd.config import PruneConfig
 from sdd.errors import UsageError
 from sdd.phases import LEVEL_PHASES
 
 log = logging.getLogger(__name__)
 
+DEFAULT_IT_THRESHOLD = PruneConfig().it_threshold  # one default, the chains' own
 ARTIFACT_DIR = "report"
 REPORT = "report.md"
 HTML_REPORT = "report.html"
@@ -42,7 +44,8 @@ FLOAT_FORMAT = "%.6g"  # metrics carry no more precision; spares readers 0.42000
 INT_COLUMNS = {"it_width", "peak_err_width", "n_widths", "min_seeds", "max_seeds", "width", "dense_seed",
                "start_epoch", "dd_it_width", "levels", "it_level", "peak_level", "dip_level", "recovery_level",
                "best_level", "seeds", "n_test", "n_seeds", "early_stop_level", "early_stop_level_tag", "early_stop_best_level", "version",
-               "level", *(f"{p}_{end}" for p in LEVEL_PHASES for end in ("first", "last"))}
+               "level", "unconverged_levels", "convergence_recorded_levels",
+               *(f"{p}_{end}" for p in LEVEL_PHASES for end in ("first", "last"))}
 # Config keys worth showing for a missing trial, when the stage's trials do not differ in any.
 CONFIG_KEYS = ("model", "width", "depth", "noise", "seed", "criterion", "retrain", "start_epoch", "alpha",
                "temperature", "parent")
@@ -53,16 +56,21 @@ def default_out_dir(study_run: Run) -> Path:
     return Path("reports") / f"{name}-{study_run.info.run_id[:8]}"
 
 
-def analyze_study(client: MlflowClient, study_run_id: str, out_dir: Path, *, it_threshold: float = 0.99) -> Path:
+def analyze_study(client: MlflowClient, study_run_id: str, out_dir: Path, *,
+                  it_threshold: float | None = None) -> Path:
     """Analyse a study (run id, or run name) into `out_dir` and the study run's `report/` artifacts.
 
-    Returns the path of report.md. Raises UsageError for a run that is missing or not a study, and
-    for a study without a single finished dense or chain run.
+    `it_threshold`: the IT rule's noisy-fit level; None: the one the study ran with (`Study.recorded_threshold`),
+    else the chains' default. Returns the path of report.md. Raises UsageError for a run that is missing
+    or not a study, and for a study without a single finished dense or chain run.
     """
-    if not 0.0 < it_threshold <= 1.0:
+    if it_threshold is not None and not 0.0 < it_threshold <= 1.0:
         raise UsageError(f"--it-threshold must be in (0, 1], got {it_threshold}")
     study = load_study(client, resolve_study(client, study_run_id))
-    analysis = analyse(client, study, it_threshold)
+    threshold, source = _threshold(study, it_threshold)
+    log.info("study %s: IT threshold %g (%s)", study.id[:8], threshold, source)
+    analysis = analyse(client, study, threshold)
+    analysis.threshold_source = source
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = list(draw_all(analysis, out_dir).values())
@@ -80,6 +88,16 @@ def analyze_study(client: MlflowClient, study_run_id: str, out_dir: Path, *, it_
     return report
 
 
+def _threshold(study: Study, explicit: float | None) -> tuple[float, str]:
+    """The IT threshold of the analysis and where it came from."""
+    if explicit is not None:
+        return explicit, "given with --it-threshold"
+    recorded, source = study.recorded_threshold()
+    if recorded is not None:
+        return recorded, source
+    return DEFAULT_IT_THRESHOLD, f"the chains' default; {source}"
+
+
 def _json_default(value: Any) -> Any:
     """Identifying fields come from pandas: numpy scalars (NaN for a missing noise or start epoch)."""
     value = value.item() if hasattr(value, "item") else value
@@ -87,8 +105,9 @@ def _json_default(value: Any) -> Any:
 
 
 def _verdict_rows(a: Analysis) -> pd.DataFrame:
-    """One row per chain-group verdict (kind=sdd, retrace, distill): its curve's fields and verdict columns."""
-    rows = [{"kind": v.kind, **{k: val for k, val in v.key.items() if not isinstance(val, list)},
+    """One row per chain-group verdict (kind=sdd, retrace, distill, bad_start): its curve's fields and verdict
+    columns (the run-id lists stay in verdicts.json)."""
+    rows = [{"kind": v.kind, **{k: val for k, val in v.key.items() if not isinstance(val, (list, dict))},
              "dense_seeds": " ".join(map(str, v.key.get("dense_seeds", []))), **v.columns()}
             for v in a.verdicts if v.kind != "dd"]  # the dd verdicts sit on the kind=dd rows
     return pd.DataFrame(rows)
@@ -96,7 +115,7 @@ def _verdict_rows(a: Analysis) -> pd.DataFrame:
 
 def summary_table(a: Analysis) -> pd.DataFrame:
     """summary.csv: one row per family x noise (kind=dd, with its DD verdict), per chain-group verdict
-    (kind=sdd, retrace, distill), per chain (kind=chain) and per registered model (kind=registered_model).
+    (kind=sdd, retrace, distill; kind=bad_start per chain setting run from the IT and control starts), per chain (kind=chain) and per registered model (kind=registered_model).
     Verdict columns: claim, effect_name, effect, ci_low, ci_high, p_value, seeds, n_test, verdict."""
     frames = [f for f in (a.thresholds, _verdict_rows(a), a.chains, a.registered) if not f.empty]
     if not frames:
@@ -174,14 +193,16 @@ def render(a: Analysis, client: MlflowClient) -> str:
         f"Study run `{s.id}` ({s.run.info.status}), study file `{s.study_file or 'not recorded'}`, "
         f"tracking store `{client.tracking_uri}`, generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC.",
         f"Interpolation threshold (IT) rule, the same along width and along pruning levels: the noisy-label "
-        f"subset's train accuracy crosses {a.threshold:g} (first width that reaches it; first level that falls "
-        f"below it). Every claim below is decided by `analysis.stats` from the seeds' curves, against the "
+        f"subset's train accuracy crosses {a.threshold:g} ({a.threshold_source}; first width that reaches it; first "
+        "level that falls below it, for a dense parent that reached it; else the chain \"never interpolated\"). "
+        "Every claim below is decided by `analysis.stats` from the seeds' curves, against the "
         "test set's binomial noise and the spread between seeds, and printed with its effect size, 95% CI, "
         f"p-value and seed count; with one seed it reads \"one seed: not tested\". Full records: [{VERDICTS}]({VERDICTS}).",
         _what_was_run(a),
         "## Headline answers",
         _answer_it(a),
         _answer_sdd(a),
+        _answer_bad_start(a),
         _answer_retrace(a),
         _answer_distill(a),
         _answer_early_stop(a),
@@ -273,17 +294,22 @@ def _p(p: Any) -> str:
 
 def _stated(row: dict, prefix: str = "") -> str:
     """A verdict as the report states it: analysis.stats' verdict string, then the effect size with its
-    95% CI, the p-value and the seed count (CI and p read "–" where one seed allows none)."""
+    95% CI, the p-value and the seed count (CI and p read "–" where one seed allows none), then whether
+    it rests on points whose training did not converge."""
     def get(key: str) -> Any:
         return row.get(prefix + key)
     text = f"**{get('verdict')}**"
     # not tested at all (nothing estimated), or a verdict string that already states effect, CI, p and seeds
-    if _missing(get("effect_name")) or "[" in text:
+    if not _missing(get("effect_name")) and "[" not in text:
+        dip = (f"dip {_f(get('dip'))} [{_f(get('dip_ci_low'))}, {_f(get('dip_ci_high'))}], "
+               if not _missing(get("dip")) else "")
+        text += (f" ({dip}{get('effect_name')} {_f(get('effect'))} [{_f(get('ci_low'))}, {_f(get('ci_high'))}], "
+                 f"{_p(get('p_value'))}, {_count(int(get('seeds')), 'seed')})")
+    note = get("convergence")
+    if _missing(note) or not note:
         return text
-    dip = (f"dip {_f(get('dip'))} [{_f(get('dip_ci_low'))}, {_f(get('dip_ci_high'))}], "
-           if not _missing(get("dip")) else "")
-    return text + (f" ({dip}{get('effect_name')} {_f(get('effect'))} [{_f(get('ci_low'))}, {_f(get('ci_high'))}], "
-                   f"{_p(get('p_value'))}, {_count(int(get('seeds')), 'seed')})")
+    flagged = not _missing(get("unconverged_levels")) and int(get("unconverged_levels")) > 0
+    return text + (f"; **{note}**" if flagged else f"; {note}")
 
 
 def _answer_sdd(a: Analysis) -> str:
@@ -306,8 +332,25 @@ def _answer_sdd(a: Analysis) -> str:
         "(analysis.stats.dip_and_recovery).\n\n" + "\n".join(lines) + note
 
 
+def _answer_bad_start(a: Analysis) -> str:
+    head = "### 3. Is the interpolation threshold a bad place to start pruning?"
+    if a.starts.empty:
+        return head + "\n\nNo chain setting was run from both the IT start and a control start (the study file's " \
+            "`start: {select: [at, before, after, ...]}`): not tested."
+    lines = []
+    for s in a.starts.to_dict("records"):
+        variant = f" {s['variant']}" if s.get("variant") else ""
+        lines.append(f"- **{s['family']}, {_noise(s['noise'])}**, {s['setting']}{variant}: IT start w{s['width']:g} "
+                     f"vs {s['control_starts']} ({_count(int(s['n_seeds']), 'common seed')}): "
+                     f"{_stated(s, 'bad_start_')}")
+    return head + "\n\nThe best pruned test accuracy (at each chain's best level by val_acc) from the IT parent " \
+        "minus the mean over the control parents (the widths a control factor below and above the IT), paired " \
+        "by dense seed; \"a bad start\" = significantly below (analysis.stats.it_is_a_bad_start, one-sided)." \
+        "\n\n" + "\n".join(lines)
+
+
 def _answer_retrace(a: Analysis) -> str:
-    head = "### 3. Does pruning retrace the dense DD curve backwards?"
+    head = "### 4. Does pruning retrace the dense DD curve backwards?"
     if a.groups.empty:
         return head + "\n\nNo finished pruning chains."
     lines = []
@@ -325,7 +368,7 @@ def _answer_retrace(a: Analysis) -> str:
 
 
 def _answer_distill(a: Analysis) -> str:
-    head = "### 4. Does distillation make the curve monotonic?"
+    head = "### 5. Does distillation make the curve monotonic?"
     has_distill = not a.chains.empty and (a.chains["step"] == "distill").any()
     if not has_distill:
         return head + "\n\nNo distillation chains in this study."
@@ -340,7 +383,7 @@ def _answer_distill(a: Analysis) -> str:
 
 
 def _answer_early_stop(a: Analysis) -> str:
-    head = "### 5. Where would the entropy early stop stop, and what would it save?"
+    head = "### 6. Where would the entropy early stop stop, and what would it save?"
     if a.chains.empty:
         return head + "\n\nNo finished pruning chains."
     lines = []
@@ -382,11 +425,13 @@ def _summary_section(a: Analysis) -> str:
               _f(t["peak_test_err"]), _seeds(t["min_seeds"], t["max_seeds"])]
              for t in a.thresholds.to_dict("records")]))
     if not a.chains.empty:
-        header = ["chain", "noise", "dense test", "IT level", *LEVEL_PHASES, "best level", "best test", "best sparsity",
-                  "tag agrees", "registered"]
-        rows = [[c["label"], _noise(c["noise"]), _f(c["dense_test_acc"]), _int(c["it_level"]),
+        header = ["chain", "noise", "dense test", "dense noisy fit", "IT level", *LEVEL_PHASES, "best level",
+                  "best test", "best sparsity", "unconverged levels", "tag agrees", "registered"]
+        rows = [[c["label"], _noise(c["noise"]), _f(c["dense_test_acc"]), _f(c["dense_noisy_fit"]), c["it_status"],
                  *[_span(c[f"{p}_first"], c[f"{p}_last"]) for p in LEVEL_PHASES], _int(c["best_level"]),
                  _f(c["best_test_acc"]), _pct(c["best_sparsity"]),
+                 "not recorded" if _missing(c["unconverged_levels"]) else
+                 f"{int(c['unconverged_levels'])} of {int(c['convergence_recorded_levels'])}",
                  "no tag" if _missing(c["phases_match"]) else "yes" if c["phases_match"] else "**no**",
                  c.get("registered") or ""]
                 for c in a.chains.to_dict("records")]
@@ -431,7 +476,7 @@ def _tags_section(a: Analysis) -> str:
         why = "" if _missing(c["tag_threshold"]) or c["tag_threshold"] == a.threshold else \
             f" (the chain was tagged with threshold {c['tag_threshold']:g}, this report uses {a.threshold:g})"
         lines.append(f"- {c['label']} (`{c['chain_run_id'][:8]}`): tag IT level {c['it_level_tag']}, phases "
-                     f"`{tagged}`; recomputed IT level {_int(c['it_level'])}, phases `{','.join(phases)}`{why}.")
+                     f"`{tagged}`; recomputed IT level {c['it_status']}, phases `{','.join(phases)}`{why}.")
     return head + "\n\n" + text + ("\n\n" + "\n".join(lines) if lines else "") + \
         "\n\nFigures and tables use the recomputed phases."
 

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID as PARENT_TAG
 
+from sdd.config import PruneConfig, TrainConfig, flat_fields, parse_value
 from sdd.errors import UsageError
 from sdd.names import CHAIN_METRICS
 from sdd.sweep.lineage import TRIALS_ARTIFACT
@@ -34,6 +35,16 @@ CHAIN_STEPS = ("prune", "distill")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 DENSE_METRICS = ("test_acc", "train_acc", "train_acc_noisy", "train_acc_clean", "val_acc", "num_params",
                  "nonzero_params", "entropy")
+# Dense runs that differ only in these share one DD curve: the seeds replicate a run (the noise seed
+# follows the seed) and the width is the curve's axis. Every other value that enters the config hash
+# (noise kind, epochs, lr, train size, depth, ...) splits the curve; unhashed ones (device, force, data
+# folder) never do. A teacher enters by being there or not (its run differs from seed to seed).
+DENSE_POOLED = ("seed", "noise_seed", "width", "teacher")
+# Chains that differ only in these are the seeds of one SDD curve; the options the group name shows
+# anyway (start epoch, criterion, retraining, scope, rate) are left out of its variant suffix.
+CHAIN_POOLED = ("seed", "parent", "start_epoch", "criterion", "retrain", "scope", "rate")
+# The convergence record of a level or dense run: metric `converged` (1/0), tag `sdd.converged`.
+CONVERGED = "converged"
 CHAIN_SUMMARY_METRICS = ("levels_run", "epochs_spent", "epochs_full", "train_flops_spent", "train_flops_full",
                          "best_level", "best_val_acc", "best_test_acc", "best_sparsity")
 
@@ -78,6 +89,23 @@ class Study:
     @property
     def name(self) -> str:
         return self.run.info.run_name or self.id[:8]
+
+    def recorded_threshold(self) -> tuple[float | None, str]:
+        """The IT threshold the study ran with and where it was read: the chain stages' start selection
+        (tag `sdd.it_threshold` on the stage runs), else the chains' own (tag `sdd.it_threshold`, else
+        param `it_threshold`) when they agree; (None, why) when neither is recorded."""
+        staged = {float(t) for r in self.stages if (t := r.data.tags.get("sdd.it_threshold"))}
+        if staged:
+            if len(staged) > 1:
+                log.warning("study %s: its stages selected starts with different thresholds %s; using the "
+                            "lowest", self.id[:8], sorted(staged))
+            return min(staged), "the study's start selection (stage runs' sdd.it_threshold)"
+        chained = set(self.chains["it_threshold"].dropna()) if "it_threshold" in self.chains else set()
+        if len(chained) == 1:
+            return float(chained.pop()), "its chains' it_threshold"
+        if len(chained) > 1:
+            return None, f"its chains disagree ({', '.join(f'{x:g}' for x in sorted(chained))})"
+        return None, "not recorded on the study's runs"
 
     @property
     def study_file(self) -> str | None:
@@ -232,8 +260,44 @@ def family_label(dataset: str, model: str, depth: int | None) -> str:
     return f"{dataset} {model}" + (f" d{depth}" if depth and depth != 1 else "")
 
 
+def _curve_fields(cls: type, pooled: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """{name: (default, type)} of the hashed config fields that split a curve."""
+    return {name: (f.default, tp) for name, (f, tp) in flat_fields(cls).items()
+            if f.metadata.get("hashed", True) and name not in pooled}
+
+
+def _config_values(params: Mapping[str, str], fields: Mapping[str, tuple[Any, Any]]) -> dict[str, str]:
+    """Each field's value, parsed so that one value has one spelling ("1e-3" and "0.001"); a param
+    missing from an older run reads as the field's default."""
+    out = {}
+    for name, (default, tp) in fields.items():
+        text = params.get(name)
+        try:
+            value = default if text is None else parse_value(tp, text)
+        except ValueError:
+            value = text
+        out[name] = f"{value:g}" if isinstance(value, float) else str(value)
+    return out
+
+
+def _variant_labels(values: Sequence[Mapping[str, str]], shown: Sequence[str] = ()) -> list[str]:
+    """Per row, "k=v" for every key whose value differs between rows (`shown` keys are printed elsewhere)."""
+    keys = [k for k in (values[0] if values else {}) if k not in shown and len({v[k] for v in values}) > 1]
+    return [" ".join(f"{k}={v[k]}" for k in keys) for v in values]
+
+
+def _converged(run: Run) -> bool | None:
+    """Whether the run's training converged (tag sdd.converged, else metric converged); None: not recorded."""
+    tag = run.data.tags.get(f"sdd.{CONVERGED}")
+    if tag in ("true", "false"):
+        return tag == "true"
+    value = run.data.metrics.get(CONVERGED)
+    return None if value is None else value >= 0.5
+
+
 def _dense_table(runs: Iterable[Run], study_id: str, reused: set[str]) -> pd.DataFrame:
-    rows = []
+    rows, keys = [], []
+    fields = _curve_fields(TrainConfig, DENSE_POOLED)
     for run in runs:
         p, m, t = run.data.params, run.data.metrics, run.data.tags
         dataset, model, depth = p.get("dataset", "?"), p.get("model", "?"), _int(p, "depth")
@@ -242,12 +306,17 @@ def _dense_table(runs: Iterable[Run], study_id: str, reused: set[str]) -> pd.Dat
             "dataset": dataset, "model": model, "depth": depth, "width": _int(p, "width"),
             "noise": _num(p, "noise"), "noise_kind": p.get("noise_kind"), "seed": _int(p, "seed"),
             "epochs": _int(p, "epochs"), "test_size": _test_size(run),
-            **{k: m.get(k, float("nan")) for k in DENSE_METRICS},
+            **{k: m.get(k, float("nan")) for k in DENSE_METRICS}, CONVERGED: _converged(run),
             "reused": run.info.run_id in reused or t.get("sdd.study_run_id") not in (None, study_id),
         })
+        keys.append({**_config_values(p, fields), "teacher": str(p.get("teacher", "none") not in ("", "none", "None"))})
+    # The family names one DD curve per noise level: its model plus every other value that differs
+    # between the study's dense runs (the dataset, model, depth and noise are shown already).
+    for row, variant in zip(rows, _variant_labels(keys, ("dataset", "model", "depth", "noise"))):
+        row["family"] += f" {variant}" if variant else ""
     frame = pd.DataFrame(rows, columns=["run_id", "run_name", "family", "dataset", "model", "depth", "width",
                                         "noise", "noise_kind", "seed", "epochs", "test_size", *DENSE_METRICS,
-                                        "reused"])
+                                        CONVERGED, "reused"])
     return frame.sort_values(["family", "noise", "width", "seed"], ignore_index=True)
 
 
@@ -269,7 +338,9 @@ def _test_size(run: Run) -> int | None:
 def _chain_table(client: MlflowClient, runs: Iterable[Run], dense: pd.DataFrame, study_id: str,
                  reused: set[str]) -> pd.DataFrame:
     seeds = dict(zip(dense["run_id"], dense["seed"]))
-    rows = []
+    families = dict(zip(dense["run_id"], dense["family"]))
+    fields = _curve_fields(PruneConfig, CHAIN_POOLED)
+    rows, keys = [], []
     for run in runs:
         p, m, t = run.data.params, run.data.metrics, run.data.tags
         dense_id = t.get("sdd.dense_run_id") or p.get("parent", "")
@@ -279,7 +350,8 @@ def _chain_table(client: MlflowClient, runs: Iterable[Run], dense: pd.DataFrame,
         depth = _int(p, "dense_depth")
         row = {
             "chain_run_id": run.info.run_id, "run_name": run.info.run_name, "step": step, "dense_run_id": dense_id,
-            "family": family_label(p.get("dataset", "?"), p.get("dense_model", "?"), depth),
+            # the parent's DD curve; a parent outside the study's dense runs: its model
+            "family": families.get(dense_id) or family_label(p.get("dataset", "?"), p.get("dense_model", "?"), depth),
             "dataset": p.get("dataset"), "model": p.get("dense_model"), "depth": depth,
             "width": _int(p, "dense_width"), "noise": _num(p, "noise"), "dense_seed": seeds[dense_id],
             "start_epoch": _int(p, "start_epoch"), "criterion": p.get("criterion"), "retrain": p.get("retrain"),
@@ -287,7 +359,8 @@ def _chain_table(client: MlflowClient, runs: Iterable[Run], dense: pd.DataFrame,
             "alpha": _num(p, "alpha") if step == "distill" else None,
             "temperature": _num(p, "temperature") if step == "distill" else None,
             "teacher": t.get("sdd.teacher_uri") or p.get("teacher") or None,
-            "it_threshold_param": _num(p, "it_threshold"), "entropy_drop": _num(p, "entropy_drop"),
+            "it_threshold": _num(t, "sdd.it_threshold") or _num(p, "it_threshold"),
+            "start_role": t.get("sdd.start_role"), "entropy_drop": _num(p, "entropy_drop"),
             "acc_tolerance": _num(p, "acc_tolerance"), "early_stop": p.get("early_stop"),
             "it_level_tag": t.get("sdd.it_level"), "phases_tag": t.get("sdd.phases"),
             "early_stop_level_tag": _int(t, "sdd.early_stop_level"),
@@ -295,9 +368,14 @@ def _chain_table(client: MlflowClient, runs: Iterable[Run], dense: pd.DataFrame,
             "reused": run.info.run_id in reused or t.get("sdd.study_run_id") not in (None, study_id),
         }
         row["setting"] = _setting(row)
-        row["label"] = f"w{row['width']} s{row['dense_seed']}" + \
-            (f" e{row['start_epoch']}" if row["start_epoch"] is not None else "") + f" {row['setting']}"
         rows.append(row)
+        keys.append(_config_values(p, fields))
+    # Chains that differ in any other option (levels, epochs, lr, early stop, ...) are different curves.
+    for row, variant in zip(rows, _variant_labels(keys)):
+        row["variant"] = variant
+        row["label"] = f"w{row['width']} s{row['dense_seed']}" + \
+            (f" e{row['start_epoch']}" if row["start_epoch"] is not None else "") + f" {row['setting']}" + \
+            (f" {variant}" if variant else "")
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=["chain_run_id", "step", "dense_run_id", "family", "width", "noise",
@@ -307,7 +385,8 @@ def _chain_table(client: MlflowClient, runs: Iterable[Run], dense: pd.DataFrame,
     frame["group"] = frame.apply(lambda r: f"{r['family']} n{r['noise']} w{r['width']}"
                                  + (f" e{r['start_epoch']}" if r["start_epoch"] is not None else "")
                                  + f" {r['setting']}"
-                                 + "".join(f" {k}={r[k]}" for k in ("scope", "rate") if pd.notna(r[k])), axis=1)
+                                 + "".join(f" {k}={r[k]}" for k in ("scope", "rate") if pd.notna(r[k]))
+                                 + (f" {r['variant']}" if r["variant"] else ""), axis=1)
     frame["start_epoch"] = frame["start_epoch"].astype("object")
     order = frame["step"].map({step: i for i, step in enumerate(CHAIN_STEPS)})  # vanilla before distilled
     frame = frame.assign(_order=order).sort_values(["family", "noise", "width", "_order", "setting", "dense_seed"])
@@ -332,7 +411,7 @@ def _level_table(client: MlflowClient, runs: Iterable[Run]) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for run in runs:
         per_level: dict[int, dict[str, float]] = {}
-        for key in CHAIN_METRICS:
+        for key in dict.fromkeys((*CHAIN_METRICS, CONVERGED)):
             if key not in run.data.metrics:
                 continue
             # A resumed chain may log a level twice: the later value wins.
@@ -340,7 +419,7 @@ def _level_table(client: MlflowClient, runs: Iterable[Run]) -> pd.DataFrame:
                 per_level.setdefault(metric.step, {})[key] = metric.value
         rows.extend({"chain_run_id": run.info.run_id, "level": level, **values}
                     for level, values in sorted(per_level.items()))
-    frame = pd.DataFrame(rows, columns=["chain_run_id", "level", *CHAIN_METRICS])
+    frame = pd.DataFrame(rows, columns=["chain_run_id", "level", *dict.fromkeys((*CHAIN_METRICS, CONVERGED))])
     frame["density"] = 1.0 - frame["sparsity"]
     return frame
 
@@ -391,3 +470,11 @@ def _count_level_runs(client: MlflowClient, chain: Run) -> int:
         token = page.token
         if not token:
             return count
+
+
+# --- reading the tables ------------------------------------------------------------------------
+
+def select(frame: pd.DataFrame, family: str, noise: float | None) -> pd.DataFrame:
+    """Rows of one family and noise level (a missing noise param matches missing)."""
+    same_noise = frame["noise"].isna() if pd.isna(noise) else frame["noise"] == noise
+    return frame[(frame["family"] == family) & same_noise]

@@ -123,6 +123,7 @@ __all__ = [
     "retraces",
     "distillation_monotonic",
     "it_is_a_bad_start",
+    "seed_band",
 ]
 
 NU0 = 4.0                     # pseudo-degrees of freedom of the curve-wide noise ratio (variance moderation)
@@ -322,6 +323,29 @@ def _unconverged_note(points: Sequence[int], ok: np.ndarray | None,
     if not bad:
         return (), ""
     return bad, f"; rests on unconverged {what} {', '.join(map(str, bad))}"
+
+
+# --- bands for figures ---------------------------------------------------------------------------------
+
+def seed_band(values: Any, n_test: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per point: the mean over seeds and its 95% CI (t with seeds - 1 df), what the figures draw.
+
+    `values`: seeds x points; NaN marks a seed that did not reach a point (a shorter chain), so every
+    point uses the seeds it has. With `n_test` the binomial floor p(1-p)/n_test is kept under the
+    between-seed variance (a test accuracy), as in the verdicts. A point with one seed has no band (NaN).
+    """
+    a = np.asarray(values, dtype=float)
+    if a.ndim == 1:
+        a = a[:, None]
+    count = np.sum(np.isfinite(a), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, np.nansum(np.where(np.isfinite(a), a, np.nan), axis=0) / count, np.nan)
+        dev = np.where(np.isfinite(a), a - mean, 0.0)
+        var = np.sum(dev ** 2, axis=0) / np.maximum(count - 1, 1)
+    if n_test is not None:
+        var = np.maximum(var, _floor(np.nan_to_num(mean, nan=0.5), _check_n_test(n_test)))
+    half = np.array([_t_ppf(0.975, c - 1) * math.sqrt(v / c) if c >= 2 else math.nan for c, v in zip(count, var)])
+    return mean, mean - half, mean + half
 
 
 # --- dip and recovery ----------------------------------------------------------------------------------
@@ -726,6 +750,6 @@ def it_is_a_bad_start(it_best: Any, control_best: Any, n_test: int, alpha: float
         verdict = (f"the IT is a bad start: best pruned accuracy {_fmt(-est)} {_fmt_ci((-ci[1], -ci[0]))} below the "
                    f"controls, {_fmt_p(p)}, {_seeds_text(seeds)}")
     else:
-        verdict = (f"not shown that the IT is a bad start: IT - controls {_fmt(est)} {_fmt_ci(ci)}, {_fmt_p(p)}, "
+        verdict = (f"not significant: best pruned accuracy IT - controls {_fmt(est)} {_fmt_ci(ci)}, {_fmt_p(p)}, "
                    f"{_seeds_text(seeds)}")
     return BadStart(bool(bad), est, ci, float(p), seeds, alpha, verdict)

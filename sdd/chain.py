@@ -26,14 +26,19 @@ from sdd.dense import StepResult, evaluate_all, log_dataset_inputs, nonzero_coun
 from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.errors import UsageError
 from sdd.measures import activation_entropy, forward_flops, learning_distance
-from sdd.phases import LEVEL_PHASES, best_level, entropy_early_stop, pruning_threshold, sdd_phases
+from sdd.phases import LEVEL_PHASES, best_level, entropy_early_stop, it_level_label, pruning_threshold, sdd_phases
 from sdd.problem import Problem, build_model, load_problem, resolve_device
 from sdd.progress import Progress
-from sdd.training import cross_entropy, fit
+from sdd.steps import chain_covers
+from sdd.training import converged, cross_entropy, fit
 
 log = logging.getLogger(__name__)
 
 LEVEL_RESUME_ARTIFACT = "level/resume.pt"
+# How deep a chain goes is not part of its identity (a finished chain asked for more levels is
+# continued), and MLflow params cannot change: the depth is the chain's tag `sdd.levels` (and
+# `sdd.target_sparsity` when asked that way), rewritten whenever the chain is deepened.
+DEPTH_OPTIONS = ("levels", "target_sparsity")
 
 
 
@@ -74,6 +79,10 @@ def resolve_parent(client: MlflowClient, cfg: PruneConfig) -> Parent:
         config = from_flat_dict(TrainConfig, tracking.load_json_artifact(client, run_id, "config.json"))
     except (OSError, ValueError, TypeError, MlflowException) as err:
         raise UsageError(f"--parent {run_id}: no readable config.json of an sdd training ({err})") from None
+    if config.data.val_size == 0:
+        # Levels are selected, registered and early-stopped by val_acc; the test set must never stand in.
+        raise UsageError(f"--parent {run_id} has no validation split (val_size 0): a chain selects its levels "
+                         "by val_acc, never by test accuracy; train the parent with --val-size > 0")
     return Parent(run, config, start, rewind)
 
 
@@ -90,7 +99,7 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
     client = tracking.get_client(tracking_uri)
     parent = resolve_parent(client, cfg)
     exp_id = parent.run.info.experiment_id
-    problem = load_problem(parent.config.data, device)
+    problem = load_problem(parent.config.data, device, run_seed=parent.config.optim.seed)
     teacher = None
     if distill is not None:
         teacher = load_teacher(client, distill.teacher, problem.splits.input_shape, problem.splits.num_classes,
@@ -101,20 +110,27 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
     name = f"{step} {cfg.criterion}/{cfg.retrain} w{m.width} " + \
         (f"e{cfg.start_epoch}" if cfg.start_epoch is not None else "final")
     tags = {"sdd.step": step, "sdd.config_hash": config_hash, "sdd.dense_run_id": parent.run.info.run_id,
+            "sdd.levels": str(cfg.depth()),
+            **({"sdd.target_sparsity": f"{cfg.target_sparsity:g}"} if cfg.target_sparsity is not None else {}),
+            "sdd.it_threshold": f"{cfg.it_threshold:g}",
             **(extra_tags or {})}
     if teacher:
         tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
     lease = lifecycle.acquire(client, exp_id, lifecycle.RunSpec(step, config_hash, name, tags,
                                                                 parent_run_id=parent.run.info.run_id),
-                              force=cfg.force)
+                              force=cfg.force, extend_finished=lambda run: not chain_covers(cfg, run))
     if lease.reused:
         return StepResult(lease.run_id, True, dict(lease.finished.data.metrics))
     if lease.is_new:
-        params = {**to_flat_dict(cfg), **(to_flat_dict(distill) if distill else {}),
+        options = {k: v for k, v in to_flat_dict(cfg).items() if k not in DEPTH_OPTIONS}
+        params = {**options, **(to_flat_dict(distill) if distill else {}),
                   "dense_model": m.model, "dense_width": m.width, "dense_depth": m.depth,
                   "dataset": parent.config.data.dataset, "noise": parent.config.data.noise}
         tracking.log_params(client, lease.run_id, params)
         log_dataset_inputs(client, lease.run_id, parent.config.data, problem)
+    elif lease.reopened.info.status == "FINISHED":
+        log.info("deepening chain %s from %d to %d levels", lease.run_id,
+                 int(lease.reopened.data.metrics.get("levels_run", 0)), cfg.depth())
     else:
         log.info("resuming chain %s", lease.run_id)
     with lease.running():
@@ -131,8 +147,7 @@ class Chain:
         self.chain_id, self.config_hash, self.parent = chain_id, config_hash, parent
         self.problem, self.teacher = problem, teacher
         self.dense_id = parent.run.info.run_id
-        self.levels = pruning.schedule(cfg.rate, None if cfg.target_sparsity is not None else (cfg.levels or 20),
-                                       cfg.target_sparsity)
+        self.levels = cfg.depth()
         self.model = build_model(parent.config.model, problem, parent.config.optim.seed)
         self.weights = models.prunable_weights(self.model)
         self.exclude = {models.output_layer_name(self.model)} if cfg.keep_output_dense else set()
@@ -142,6 +157,11 @@ class Chain:
                        if parent.rewind_artifact else None)
         self.mode = retraining.MODES[cfg.retrain]
         self.recipe = self.mode.recipe(parent.config.optim, cfg, parent.config.data.augment)
+        same = retraining.same_retraining(parent.config.optim, cfg, parent.config.data.augment)
+        if same is not None:
+            log.warning("%s retrains exactly as %s would here (lr %g, %s schedule, %d epochs): this chain "
+                        "does not tell the two modes apart", cfg.retrain, same, self.recipe.lr, self.recipe.schedule,
+                        self.recipe.epochs)
         self.loss_fn = cross_entropy
         if teacher is not None:
             self.loss_fn = distillation_loss(teacher, problem.splits.x_train, distill.alpha, distill.temperature,
@@ -230,8 +250,8 @@ class Chain:
     def _early_stop(self, history: list[dict[str, float]]):
         if self.cfg.early_stop != "entropy" or len(history) < 2:
             return None
-        return entropy_early_stop([h.get("entropy", 0.0) for h in history],
-                                  [h.get("val_acc", h["test_acc"]) for h in history],
+        return entropy_early_stop([h.get("entropy") for h in history],
+                                  [h["val_acc"] for h in history],
                                   self.cfg.entropy_drop, self.cfg.acc_tolerance)
 
     # --- one level -------------------------------------------------------------------------------
@@ -247,8 +267,9 @@ class Chain:
         float_masks = pruning.as_float_masks(masks, weights)
         pruning.apply_masks(weights, float_masks)
         after_prune = evaluate_all(model, self.problem, self.init)
+        reinit_seed = retraining.reinit_seed(self.parent.config.optim.seed, cfg.seed, level)
         start = self.mode.start(self.rewind, lambda: build_model(self.parent.config.model, self.problem,
-                                                                  seed=seed).state_dict())
+                                                                  seed=reinit_seed).state_dict())
         if start is not None:
             model.load_state_dict(start)
         pruning.apply_masks(weights, float_masks)
@@ -278,10 +299,13 @@ class Chain:
             faults.reach(f"level-{level}-saved-{state['epoch']}", level_id)
 
         with lease.running() as resume:
-            fit(model, self.problem.splits.x_train, self.problem.splits.y_train, self.recipe, masks=float_masks,
-                weights=weights, loss_fn=self.loss_fn, generator=generator, on_epoch=on_epoch, resume=resume,
-                snapshot=snapshot, snapshot_every=cfg.resume_every, snapshot_epochs=faults.snapshot_epochs())
+            fitted = fit(model, self.problem.splits.x_train, self.problem.splits.y_train, self.recipe,
+                         masks=float_masks, weights=weights, loss_fn=self.loss_fn, generator=generator,
+                         on_epoch=on_epoch, resume=resume, snapshot=snapshot, snapshot_every=cfg.resume_every,
+                         snapshot_epochs=faults.snapshot_epochs(), pad_fill=self.problem.splits.black)
             metrics = self._measure(model, level_start)
+            metrics["converged"] = float(converged(fitted.epoch_losses, metrics.get("train_acc")))
+            self.client.set_tag(level_id, "sdd.converged", "true" if metrics["converged"] else "false")
             metrics.update({f"pruned_{k}": after_prune[k] for k in ("train_acc", "val_acc", "test_acc")
                             if k in after_prune})
             metrics["level_time_s"] = time.monotonic() - t0
@@ -323,7 +347,7 @@ class Chain:
         noisy = [h.get("train_acc_noisy", 1.0) for h in history]
         it = pruning_threshold(noisy, cfg.it_threshold)
         phases = sdd_phases(test, noisy, cfg.it_threshold)
-        tags = {"sdd.it_level": str(it) if it is not None else "none",
+        tags = {"sdd.it_level": it_level_label(noisy, cfg.it_threshold),
                 "sdd.phases": ",".join(phases)}
         for phase in LEVEL_PHASES:
             levels = [i for i, p in enumerate(phases) if p == phase]

@@ -50,7 +50,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
             continue
         _, inner = config.is_optional(tp)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "type": _argtype(tp),
-                                  "help": f"{f.metadata['help']} (default: {_show(f.default)})"}
+                                  # argparse formats help with %: a literal one in a config's text must not be read as a code.
+                                  "help": f"{f.metadata['help']} (default: {_show(f.default)})".replace("%", "%%")}
         if inner is bool:
             kwargs.update(nargs="?", const=True)
         if f.metadata.get("choices"):
@@ -74,6 +75,14 @@ def config_from_args(cls: type, args: argparse.Namespace, skip: Sequence[str] = 
 
 def _text_or_none(text: str) -> str | None:
     return text.strip() or None
+
+
+def _number_or_none(text: str) -> float | None:
+    value = _text_or_none(text)
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def _choice_or_none(choices: tuple[str, ...]) -> Callable[[str], str | None]:
@@ -230,9 +239,10 @@ def _configure_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="",
                    help="output folder (default, also for an empty value as MLproject passes it: "
                         "reports/<study name>-<first 8 characters of the run id>/)")
-    p.add_argument("--it-threshold", dest="it_threshold", type=float, default=0.99,
+    p.add_argument("--it-threshold", dest="it_threshold", type=_number_or_none, default=None,
                    help="noisy-subset train accuracy that marks the interpolation threshold, along width and "
-                        "along pruning levels (default: 0.99)")
+                        "along pruning levels (default, also for an empty value: the study's own, recorded on "
+                        "its runs by start selection and the chains, else 0.95)")
 
 
 def _analyze_command(args: argparse.Namespace) -> int:

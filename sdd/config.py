@@ -20,12 +20,22 @@ from sdd import names
 from sdd.errors import UsageError
 
 
-def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, hashed: bool = True) -> Any:
-    """A config field: its default, its help text, allowed values, and whether it enters the hash."""
-    meta = {"help": help, "choices": choices, "hashed": hashed}
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, hashed: bool = True,
+        added: bool = False) -> Any:
+    """A config field: its default, its help text, allowed values, and whether it enters the hash.
+
+    `added` marks a field added after runs were stored: it enters the hash only when it differs from its
+    default, so every run made before it existed keeps its hash and is still reused.
+    """
+    meta = {"help": help, "choices": choices, "hashed": hashed, "added": added}
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in configs")
     return field(default=default, metadata=meta)
+
+
+# Dense seeds lie in [0, 2^32) (NumPy's range too); `sdd.retraining.reinit_seed` draws from [2^63, 2^64), so a
+# re-initialised level can never redraw a dense run's initialisation.
+DENSE_SEED_LIMIT = 2 ** 32
 
 
 @dataclass(frozen=True)
@@ -33,23 +43,48 @@ class DataConfig:
     dataset: str = opt("mnist1d", "dataset name", choices=names.DATASETS)
     data_dir: str | None = opt(None, "folder holding cifar/tinyimagenet files (mnist1d is generated)", hashed=False)
     train_size: int | None = opt(None, "training samples (mnist1d: generated, default 4000; others: subsample)")
-    test_size: int | None = opt(None, "test samples (mnist1d: generated, default 1000; others: subsample)")
-    val_size: int = opt(500, "validation samples held out from the training set")
+    test_size: int | None = opt(None, "test samples (mnist1d: generated, default 10000; others: subsample)")
+    val_size: int = opt(500, "validation samples (mnist1d: generated; others: held out from the training set); "
+                             "0 = none: such a run cannot be pruned, distilled or registered, since model "
+                             "selection never looks at the test set")
     val_seed: int = opt(0, "seed of the validation split")
-    data_seed: int = opt(0, "seed of dataset generation / subsampling")
+    data_seed: int = opt(0, "seed of dataset generation / subsampling (mnist1d: train, validation and test are "
+                            "separate streams, so one split's size never changes another's samples)")
     noise: float = opt(0.2, "label-noise rate on the training split, in [0, 1)")
     noise_kind: str = opt("symmetric", "label-noise definition", choices=names.NOISE_KINDS)
-    noise_seed: int = opt(0, "seed of the label noise")
+    noise_seed: int | None = opt(None, "seed of the label noise; None = the run's --seed, so each seed also "
+                                       "draws its own noisy labels")
+    val_noise: bool = opt(False, "corrupt the validation labels too (same kind and rate, their own draw); "
+                                 "off: they are clean", added=True)
     augment: bool = opt(False, "pad-crop and flip augmentation (images only)")
 
     def validate(self) -> None:
         _check(0.0 <= self.noise < 1.0, f"--noise must be in [0, 1), got {self.noise}")
         _check(self.val_size >= 0, f"--val-size must be >= 0, got {self.val_size}")
+        _check(not self.val_noise or self.val_size > 0, "--val-noise needs a validation split (--val-size > 0)")
         for name in ("train_size", "test_size"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"--{_flag(name)} must be > 0, got {value}")
         _check(not (self.augment and self.dataset == "mnist1d"),
                "--augment applies to image datasets (cifar10, cifar100, tinyimagenet), not mnist1d")
+
+    def effective_noise_seed(self, run_seed: int) -> int:
+        """The seed the label noise is drawn from: `noise_seed` when given, else the run's `seed`.
+
+        The one place this is decided: dense training, chains rebuilding their parent's data and the
+        benchmark all draw the noise through it, and the dense run's hash holds its value.
+        """
+        return run_seed if self.noise_seed is None else self.noise_seed
+
+    def revisions(self) -> dict[str, str]:
+        """Markers of changes to what a stored data config computes; they enter the dense run's hash so a
+        run made before such a change is not reused for the same config after it."""
+        out = {}
+        if self.dataset == "mnist1d":
+            out["mnist1d_splits"] = "streams"  # each split from its own stream (was: one generated pool)
+        if self.augment:
+            out["pad_fill"] = "black"  # pad-crop pads with black (was: 0 after normalisation)
+        return out
 
 
 @dataclass(frozen=True)
@@ -58,6 +93,9 @@ class ModelConfig:
     width: int = opt(64, "model width (hidden units for mlp, base channels k for the CNNs)")
     depth: int = opt(1, "hidden layers (mlp) or depth (vgg_like); 1 for the others")
     maxpool: bool = opt(False, "resnet18: max-pool after the stem (DSD2 keeps it, He et al. do not)")
+    init: str = opt("default", "initialisation: each model's own, or open_lth's (He et al.: kaiming_normal "
+                    "fan_in on every conv and linear weight, BatchNorm gamma ~ U(0, 1))", choices=names.INITS,
+                    added=True)
 
     def validate(self) -> None:
         _check(self.width > 0, f"--width must be > 0, got {self.width}")
@@ -81,6 +119,7 @@ class OptimConfig:
         _check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
         _check(self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
         _check(self.batch_size >= 0, f"--batch-size must be >= 0 (0 = full batch), got {self.batch_size}")
+        _check(0 <= self.seed < DENSE_SEED_LIMIT, f"--seed must be in [0, 2^32), got {self.seed}")
         _check(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         _check(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
@@ -138,8 +177,11 @@ class PruneConfig:
 
     parent: str = opt("", "dense parent: run id or runs:/ID uri")
     start_epoch: int | None = opt(None, "start from this saved epoch of the parent (default: its final weights)")
-    levels: int | None = opt(None, "number of pruning levels (default 20 unless --target-sparsity is given)")
-    target_sparsity: float | None = opt(None, "prune until this sparsity is reached, in (0, 1)")
+    # How deep a chain goes is not part of its identity (open_lth's levels): level L is the same whatever depth
+    # is asked for, so a finished chain asked for more levels is continued, not recomputed (`depth`).
+    levels: int | None = opt(None, "number of pruning levels (default 20 unless --target-sparsity is given); a "
+                                   "finished chain asked for more levels is continued", hashed=False)
+    target_sparsity: float | None = opt(None, "prune until this sparsity is reached, in (0, 1)", hashed=False)
     rate: float = opt(0.2, "fraction of the remaining weights removed per level, in (0, 1)")
     criterion: str = opt("magnitude", "pruning criterion", choices=names.CRITERIA)
     scope: str = opt("global", "rank weights across all layers or per layer", choices=names.SCOPES)
@@ -147,10 +189,12 @@ class PruneConfig:
     gradient_batches: int = opt(1, "gradient criterion: training batches over which |w * dL/dw| is summed")
     retrain: str = opt("lr_rewind", "retraining at every level", choices=names.RETRAIN_MODES)
     epochs: int | None = opt(None, "retraining epochs per level (default: the parent's epochs)")
-    lr: float | None = opt(None, "retraining lr (default: the parent's lr; finetune: the parent's final lr)")
+    lr: float | None = opt(None, "retraining lr (default: the parent's lr; finetune: a tenth of the parent's "
+                                     "final lr, He et al.)")
     rewind_step: int = opt(0, "weight_rewind: the parent's saved optimizer step to rewind to (0 = lottery ticket)")
     seed: int = opt(0, "seed of random scores, re-initialisation and batch order")
-    it_threshold: float = opt(0.99, "noisy-subset train accuracy below which the interpolation regime is left")
+    it_threshold: float = opt(0.95, "noisy-subset train accuracy below which the interpolation regime is left "
+                                    "(He et al.: about 95%)")
     early_stop: str = opt("none", "stop the chain early", choices=names.EARLY_STOPS)
     entropy_drop: float = opt(0.1, "early stop: relative entropy drop from dense that ends the plateau")
     acc_tolerance: float = opt(0.02, "early stop: tolerated val_acc drop from the best level seen")
@@ -179,6 +223,40 @@ class PruneConfig:
         _check(self.resume_every >= 0, f"--resume-every must be >= 0, got {self.resume_every}")
         _check(self.start_epoch is None or self.start_epoch >= 0,
                f"--start-epoch must be >= 0, got {self.start_epoch}")
+
+    def depth(self) -> int:
+        """The number of levels this chain runs: `levels`, the fewest reaching `target_sparsity`, or 20."""
+        if self.target_sparsity is not None:
+            return pruning_levels(self.rate, None, self.target_sparsity)
+        return pruning_levels(self.rate, self.levels or 20, None)
+
+
+def pruning_levels(rate: float, levels: int | None, target_sparsity: float | None) -> int:
+    """Number of pruning levels: `levels` as given, or the fewest reaching `target_sparsity`.
+
+    Each level removes `rate` of the remaining weights, so L levels leave (1 - rate)^L of them.
+    """
+    if not 0.0 < rate < 1.0:
+        raise UsageError(f"--rate must be in (0, 1), got {rate}")
+    if (levels is None) == (target_sparsity is None):
+        raise UsageError("give exactly one of --levels and --target-sparsity")
+    if levels is not None:
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+            raise UsageError(f"--levels must be a positive integer, got {levels}")
+        return levels
+    if not 0.0 < target_sparsity < 1.0:
+        raise UsageError(f"--target-sparsity must be in (0, 1), got {target_sparsity}")
+
+    def reached(n: int) -> bool:
+        return 1.0 - (1.0 - rate) ** n >= target_sparsity
+
+    # The logarithm gives the answer up to floating-point error; settle the boundary exactly.
+    n = max(1, math.ceil(math.log1p(-target_sparsity) / math.log1p(-rate)))
+    while not reached(n):
+        n += 1
+    while n > 1 and reached(n - 1):
+        n -= 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -274,7 +352,8 @@ def to_flat_dict(config: Any, *, hashed_only: bool = False) -> dict[str, Any]:
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             out.update(to_flat_dict(value, hashed_only=hashed_only))
-        elif not hashed_only or f.metadata.get("hashed", True):
+        elif not hashed_only or (f.metadata.get("hashed", True)
+                                 and not (f.metadata.get("added") and value == f.default)):
             out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 
@@ -291,8 +370,12 @@ def config_hash(config: Any, **extra: Any) -> str:
 
 
 def train_hash(cfg: TrainConfig, teacher_run: str | None) -> str:
-    """The hash naming a dense run; the teacher enters by its run, not by how it was referred to."""
-    return config_hash(cfg, teacher_run=teacher_run)
+    """The hash naming a dense run; the teacher enters by its run, not by how it was referred to.
+
+    The noise seed enters by its effective value, so following `seed` and naming the same seed share a hash.
+    """
+    data = dataclasses.replace(cfg.data, noise_seed=cfg.data.effective_noise_seed(cfg.optim.seed))
+    return config_hash(dataclasses.replace(cfg, data=data), teacher_run=teacher_run, **data.revisions())
 
 
 def chain_hash(cfg: PruneConfig, parent_run_id: str, distill: DistillConfig | None, teacher_run: str | None) -> str:

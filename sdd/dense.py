@@ -14,7 +14,7 @@ from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.measures import activation_entropy, learning_distance, split_metrics
 from sdd.problem import Problem, build_model, load_problem, resolve_device
 from sdd.progress import Progress
-from sdd.training import Recipe, cross_entropy, fit
+from sdd.training import Recipe, converged, cross_entropy, fit
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,17 @@ def log_dataset_inputs(client, run_id: str, data: DataConfig, problem: Problem) 
     `data_dir`; the training split carries the labels it was trained on, noise included."""
     generated = data.dataset == "mnist1d"
     source = {key: value for key, value in to_flat_dict(data).items()
-              if key not in ("noise", "noise_kind", "noise_seed", "augment") and (generated or key != "data_dir")}
+              if key not in ("noise", "noise_kind", "noise_seed", "val_noise", "augment")
+              and (generated or key != "data_dir")}
     if generated:
-        source["generator"] = "mnist1d.data.make_dataset"
+        source["generator"] = "mnist1d.transform, one stream per split (sdd.data)"
     splits = problem.splits
-    noise = f"{data.noise_kind}{data.noise:g}-seed{data.noise_seed}" if data.noise else "clean"
+    noise = f"{data.noise_kind}{data.noise:g}-seed{problem.noise_seed}" if data.noise else "clean"
+    val_noise = f"-{noise}" if data.val_noise and data.noise else ""
     tracking.log_datasets(client, run_id, "code" if generated else "local",
                           {"tags": source} if generated else {"uri": data.data_dir, **source}, [
         (f"{data.dataset}-train-{noise}", "training", splits.y_train),
-        (f"{data.dataset}-validation", "validation", splits.y_val),
+        (f"{data.dataset}-validation{val_noise}", "validation", splits.y_val),
         (f"{data.dataset}-test", "test", splits.y_test)])
 
 
@@ -75,7 +77,7 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
     device = resolve_device(cfg.device)
     client = tracking.get_client(tracking_uri)
     exp_id = tracking.experiment_id(client, experiment)
-    problem = load_problem(cfg.data, device)
+    problem = load_problem(cfg.data, device, run_seed=cfg.optim.seed)
     teacher: Teacher | None = None
     if cfg.distill.teacher:
         teacher = load_teacher(client, cfg.distill.teacher, problem.splits.input_shape,
@@ -84,7 +86,9 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
     m = cfg.model
     name = f"{cfg.data.dataset}-{m.model}-w{m.width}" + (f"-d{m.depth}" if m.depth != 1 else "") \
         + f"-n{cfg.data.noise:g}-s{cfg.optim.seed}"
-    tags = {"sdd.step": "train", "sdd.config_hash": config_hash, **(extra_tags or {})}
+    # The params hold noise_seed as configured (None: follow seed); the tag holds the seed drawn from.
+    tags = {"sdd.step": "train", "sdd.config_hash": config_hash, "sdd.noise_seed": str(problem.noise_seed),
+            **(extra_tags or {})}
     if teacher:
         tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
     # A killed or failed run of this config is continued, not duplicated: from its last resume
@@ -111,9 +115,13 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
         tracking.log_params(client, run_id, {**to_flat_dict(cfg), "num_params": num_params})
         # The effective config, exactly; params may hold `mlflow run`'s spelling of the -P values.
         client.log_dict(run_id, to_flat_dict(cfg), "config.json")
-        logger.log({"num_params": num_params, "wrong_label_rate": problem.wrong_label_rate}, 0)
+        rates = {"wrong_label_rate": problem.wrong_label_rate}
+        if cfg.data.val_noise:
+            rates["val_wrong_label_rate"] = len(problem.val_noisy_idx) / max(1, len(problem.splits.y_val))
+        logger.log({"num_params": num_params, **rates}, 0)
         tracking.log_state(client, run_id, {"noisy_idx": problem.noisy_idx.cpu(),
-                                             "noisy_labels": problem.splits.y_train.cpu()}, "noise/noisy_idx.pt")
+                                             "noisy_labels": problem.splits.y_train.cpu(),
+                                             "val_noisy_idx": problem.val_noisy_idx.cpu()}, "noise/noisy_idx.pt")
         log_dataset_inputs(client, run_id, cfg.data, problem)
         tracking.log_state(client, run_id, model.state_dict(), "checkpoints/init.pt")
         logger.log({**evaluate_all(model, problem, init), **nonzero_counts(model)}, 0)
@@ -150,17 +158,20 @@ def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Tea
         faults.reach(f"train-saved-{state['epoch']}", run_id)
 
     try:
-        steps = fit(model, problem.splits.x_train, problem.splits.y_train, recipe, loss_fn=loss_fn,
-                    generator=generator, on_step=on_step, on_epoch=on_epoch, resume=resume, snapshot=snapshot,
-                    snapshot_every=cfg.resume_every, snapshot_epochs=faults.snapshot_epochs())
+        fitted = fit(model, problem.splits.x_train, problem.splits.y_train, recipe, loss_fn=loss_fn,
+                     generator=generator, on_step=on_step, on_epoch=on_epoch, resume=resume, snapshot=snapshot,
+                     snapshot_every=cfg.resume_every, snapshot_epochs=faults.snapshot_epochs(),
+                     pad_fill=problem.splits.black)
     finally:
         progress.close()
     final = evaluate_all(model, problem, init)
     final.update(activation_entropy(model, problem.splits.x_train))
     final.update(nonzero_counts(model))
     final["train_time_s"] = time.monotonic() - started
-    final["steps"] = steps
+    final["steps"] = fitted.steps
+    final["converged"] = float(converged(fitted.epoch_losses, final.get("train_acc")))
     logger.log(final, epochs)
+    client.set_tag(run_id, "sdd.converged", "true" if final["converged"] else "false")
     logger.flush()
     tracking.log_state(client, run_id, model.state_dict(), "checkpoints/final.pt")
     tracking.log_model(client, run_id, model)

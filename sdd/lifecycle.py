@@ -3,7 +3,8 @@
 `acquire` decides, under a lock on the config hash held in the tracking store itself, what this
 process does with a config: reuse its FINISHED run, wait for the live process that runs it (or
 refuse, naming that process), continue the run a dead process left (from its resume checkpoint),
-or start a new run. Because the decision and the run's creation happen under the lock, two
+continue a FINISHED run that holds less than asked for (a chain asked for more levels), or start a
+new run. Because the decision and the run's creation happen under the lock, two
 identical steps started at the same moment make exactly one run.
 
 The lock is a registered model named after the experiment and the config hash: the store refuses
@@ -19,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +96,8 @@ class Lease:
 
 
 def acquire(client: MlflowClient, exp_id: str, spec: RunSpec, *, force: bool = False, wait: bool = True,
-            reopen_finished: bool = False, what: str | None = None) -> Lease:
+            reopen_finished: bool = False, extend_finished: Callable[[Run], bool] | None = None,
+            what: str | None = None) -> Lease:
     """The run this process should use for `spec`'s config.
 
     force: start a new run whatever exists (runs left by dead processes are marked KILLED).
@@ -103,6 +105,8 @@ def acquire(client: MlflowClient, exp_id: str, spec: RunSpec, *, force: bool = F
         without it, refuse with one line naming that process.
     reopen_finished: continue the newest run even if it FINISHED (study and stage runs, whose
         stages are re-checked on every run of the study).
+    extend_finished: a FINISHED run for which this is true holds less than the config asks for (a
+        chain asked for more levels than it ran): it is continued in place instead of reused.
     """
     label = what or f"{spec.step} run"
     waiting_for: str | None = None
@@ -112,7 +116,8 @@ def acquire(client: MlflowClient, exp_id: str, spec: RunSpec, *, force: bool = F
                 "sdd.step": spec.step, "sdd.config_hash": spec.config_hash, **spec.match_tags})
             live = [] if force else [r for r in runs if holder_alive(r)]
             if not live:
-                return _decide(client, exp_id, spec, runs, force=force, reopen_finished=reopen_finished)
+                return _decide(client, exp_id, spec, runs, force=force, reopen_finished=reopen_finished,
+                               extend_finished=extend_finished)
         holder = live[-1]
         tags = holder.data.tags
         if not wait:
@@ -126,15 +131,19 @@ def acquire(client: MlflowClient, exp_id: str, spec: RunSpec, *, force: bool = F
 
 
 def _decide(client: MlflowClient, exp_id: str, spec: RunSpec, runs: list[Run], *, force: bool,
-            reopen_finished: bool) -> Lease:
+            reopen_finished: bool, extend_finished: Callable[[Run], bool] | None) -> Lease:
     """Under the lock, with no live holder: reuse, continue or start."""
+    tags = {**spec.tags, **({tracking.PARENT_TAG: spec.parent_run_id} if spec.parent_run_id else {})}
     if not force and not reopen_finished:
         done = [r for r in runs if r.info.status == "FINISHED"]
+        if done and extend_finished is not None and extend_finished(done[0]):
+            tracking.claim_run(client, done[0].info.run_id, tags)
+            tracking.discard_project_run(client)
+            return Lease(client, spec, done[0].info.run_id, reopened=done[0])
         if done:
             log.info("reusing finished %s run %s (config %s)", spec.step, done[0].info.run_id, spec.config_hash)
             tracking.discard_project_run(client)
             return Lease(client, spec, done[0].info.run_id, finished=done[0])
-    tags = {**spec.tags, **({tracking.PARENT_TAG: spec.parent_run_id} if spec.parent_run_id else {})}
     if reopen_finished and runs:
         run = runs[-1]
         tracking.claim_run(client, run.info.run_id, tags)

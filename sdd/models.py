@@ -10,6 +10,10 @@ Contracts the rest of sdd relies on:
 ``depth`` defaults to 1. Only models whose builder takes a ``depth`` argument (``mlp``, ``vgg_like``)
 use it; the others refuse any other value rather than silently ignoring it. ``maxpool`` works the same
 way (only ``resnet18`` takes it).
+
+``init`` chooses the initialisation: ``default`` keeps each family's own (PyTorch's layer defaults;
+``resnet18`` Kaiming fan_out on its convs), ``open_lth`` re-initialises every model as open_lth and He et
+al. 2022 do (see ``open_lth_init``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,28 @@ def _takers(argument: str) -> str:
     return ", ".join(n for n, b in sorted(MODELS.items()) if argument in inspect.signature(b).parameters)
 
 
+def open_lth_init(model: nn.Module) -> None:
+    """open_lth's ``kaiming_normal`` + ``uniform`` BatchNorm initialisers (models/initializers.py,
+    models/bn_initializers.py), which He et al. 2022's code keeps for every model.
+
+    Every conv and linear weight gets ``kaiming_normal_`` with its defaults (fan_in, gain sqrt(2): std
+    sqrt(2 / fan_in)); every BatchNorm weight (gamma) is drawn from U(0, 1) and its bias (beta) set to 0.
+    Conv and linear biases keep PyTorch's defaults, as in open_lth. open_lth only knows Conv2d and
+    BatchNorm2d; Conv1d and BatchNorm1d are treated alike here.
+    """
+    for m in model.modules():
+        if isinstance(m, _PRUNABLE):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine:
+            nn.init.uniform_(m.weight, 0.0, 1.0)
+            nn.init.zeros_(m.bias)
+
+
+# name -> re-initialisation applied after a model is built (None: the builder's own initialisation)
+INITS: dict[str, Callable[[nn.Module], None] | None] = {"default": None, "open_lth": open_lth_init}
+names.check_registry("initialisation", names.INITS, INITS)
+
+
 def build_model(
     name: str,
     *,
@@ -61,10 +87,13 @@ def build_model(
     input_shape: tuple[int, ...],
     num_classes: int,
     maxpool: bool = False,
+    init: str = "default",
 ) -> nn.Module:
     """Build model ``name``; raises UsageError for unknown names and out-of-range arguments."""
     if name not in MODELS:
         raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    if init not in INITS:
+        raise UsageError(f"unknown initialisation {init!r}; choose one of: {', '.join(INITS)}")
     if not _is_pos_int(width):
         raise UsageError(f"width must be a positive integer, got {width!r}")
     if not _is_pos_int(depth):
@@ -88,7 +117,11 @@ def build_model(
         kwargs["maxpool"] = bool(maxpool)
     elif maxpool:
         raise UsageError(f"model {name!r} has no max-pool option (maxpool is used by: {_takers('maxpool')})")
-    return builder(**kwargs)
+    model = builder(**kwargs)
+    reinit = INITS[init]
+    if reinit is not None:
+        reinit(model)
+    return model
 
 
 def count_params(model: nn.Module) -> int:
@@ -294,5 +327,83 @@ class VGGLike(nn.Sequential):
         layers["flatten"] = nn.Flatten()
         layers["fc"] = nn.Linear(49 * in_channels, num_classes)
         super().__init__(layers)
+
+@register("lenet")
+class LeNet(nn.Sequential):
+    """LeNet-300-100, the fully connected MNIST model of He et al. 2022 (he-zh/sparse-double-descent
+    models/mnist_mlp.py ``mnist_mlp_300_100``) and open_lth (models/mnist_lenet.py ``mnist_lenet_300_100``):
+    flatten, Linear(300) -> ReLU -> Linear(100) -> ReLU -> Linear to the classes.
+
+    ``width`` is the first hidden layer; the second has round(width / 3) units (at least 1), so
+    ``width=300`` is the paper's model (266,610 parameters on MNIST) and smaller widths shrink both layers
+    in the paper's 3:1 ratio. The references fix 300-100 (their name spells other plans).
+    """
+
+    def __init__(self, *, width: int, input_shape: tuple[int, ...], num_classes: int) -> None:
+        second = max(1, round(width / 3))
+        super().__init__(OrderedDict(
+            flatten=nn.Flatten(),
+            linear1=nn.Linear(math.prod(input_shape), width),
+            relu1=nn.ReLU(),
+            linear2=nn.Linear(width, second),
+            relu2=nn.ReLU(),
+            fc=nn.Linear(second, num_classes),
+        ))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016, "Identity Mappings"): BN -> ReLU -> conv3x3, BN -> ReLU
+    -> conv3x3, plus the identity, or a 1x1 conv (no BN) of the pre-activated input when the shape changes
+    (kuangliu/pytorch-cifar models/preact_resnet.py ``PreActBlock``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu2 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv2(self.relu2(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+@register("preact_resnet18")
+class PreActResNet18(nn.Module):
+    """Pre-activation ResNet-18 of width k, the model of Nakkiran et al. 2020's width sweep (their appendix:
+    kuangliu/pytorch-cifar's PreActResNet18 with stage widths k, 2k, 4k, 8k; k=64 is the standard model,
+    11,171,146 parameters on CIFAR-10).
+
+    3x3 stride-1 stem conv (no BN or ReLU after it: each block pre-activates its input), PreActBlocks
+    [2, 2, 2, 2], adaptive average pool (kuangliu's avg_pool2d(4) on 32x32 input is the same), Linear.
+    PyTorch's default initialisation, as in the reference.
+    """
+
+    def __init__(self, *, width: int, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        in_channels = _image_channels("preact_resnet18", input_shape, min_side=1)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        stages = []
+        channels = width
+        for i, stage_width in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if i == 0 else 2
+            blocks = PreActBlock(channels, stage_width, stride), PreActBlock(stage_width, stage_width, 1)
+            stages.append(nn.Sequential(*blocks))
+            channels = stage_width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
 
 names.check_registry("model", names.MODELS, MODELS)

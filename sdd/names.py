@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-DATASETS = ("mnist1d", "cifar10", "cifar100", "tinyimagenet")  # sdd.data.LOADERS
-MODELS = ("mlp", "cnn1d", "cnn5", "resnet18", "vgg_like")  # sdd.models.MODELS
+DATASETS = ("mnist1d", "cifar10", "cifar100", "tinyimagenet", "mnist5k")  # sdd.data.LOADERS
+MODELS = ("mlp", "cnn1d", "cnn5", "resnet18", "vgg_like", "lenet", "preact_resnet18")  # sdd.models.MODELS
+INITS = ("default", "open_lth")  # sdd.models.INITS
 NOISE_KINDS = ("symmetric", "random", "pairflip")  # sdd.noise.NOISE
 CRITERIA = ("magnitude", "gradient", "random")  # sdd.pruning.CRITERIA
 RETRAIN_MODES = ("finetune", "lr_rewind", "weight_rewind", "reinit")  # sdd.retraining.MODES
@@ -24,7 +25,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # and the analysis reads back. A new per-level metric is computed in `sdd.chain` and named here.
 CHAIN_METRICS = ("train_acc", "train_loss", "train_acc_clean", "train_acc_noisy", "val_acc", "val_loss",
                  "test_acc", "test_loss", "entropy", "sparsity", "nonzero_params", "learning_distance",
-                 "learning_distance_level", "pruned_train_acc", "pruned_val_acc", "pruned_test_acc")
+                 "learning_distance_level", "pruned_train_acc", "pruned_val_acc", "pruned_test_acc",
+                 "converged")  # 1.0 when the level's retraining converged (`sdd.training.converged`)
 
 
 def check_registry(what: str, names: tuple[str, ...], registry: Iterable[str]) -> None:

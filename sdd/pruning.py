@@ -1,4 +1,5 @@
-"""Pruning masks: scoring criteria, mask selection, mask application and level schedules.
+"""Pruning masks: scoring criteria, mask selection and mask application (the level schedule is
+`sdd.config.pruning_levels`, torch-free for the sweep planner).
 
 Functions take the prunable weights as a mapping ``name -> parameter`` (weights of conv and linear
 layers only, never biases or normalisation parameters) so they work with any model.
@@ -6,8 +7,8 @@ layers only, never biases or normalisation parameters) so they work with any mod
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -77,25 +78,28 @@ def gradient_scores(
 ) -> dict[str, torch.Tensor]:
     """SNIP-like saliency: the sum over batches of |w * dL/dw|.
 
-    Weights are not changed and gradients are cleared before and after. The model is used in
-    whatever mode it is in: in train mode, batch-norm running statistics are updated.
+    The passes run on a copy of `model`, in the mode the model is in (train mode: the loss as it is
+    trained), so the model itself is untouched: its weights, gradients and BatchNorm running
+    statistics stay as they were. `weights` must be parameters of `model`.
     """
+    scratch = copy.deepcopy(model)
+    param_names = {id(p): name for name, p in model.named_parameters()}
+    scratch_params = dict(scratch.named_parameters())
+    copies = {name: scratch_params[param_names[id(w)]] for name, w in weights.items()}
+    for p in scratch.parameters():
+        p.grad = None  # the copy carries the model's gradients, if any
     scores = {name: torch.zeros_like(w, requires_grad=False) for name, w in weights.items()}
     n_batches = 0
-    model.zero_grad(set_to_none=True)
-    try:
-        # Callers may sit inside torch.no_grad() (e.g. an evaluation helper).
-        with torch.enable_grad():
-            for inputs, targets in batches:
-                loss_fn(model(inputs), targets).backward()
-                with torch.no_grad():
-                    for name, w in weights.items():
-                        if w.grad is not None:
-                            scores[name].add_((w * w.grad).abs_())
-                model.zero_grad(set_to_none=True)
-                n_batches += 1
-    finally:
-        model.zero_grad(set_to_none=True)
+    # Callers may sit inside torch.no_grad() (e.g. an evaluation helper).
+    with torch.enable_grad():
+        for inputs, targets in batches:
+            loss_fn(scratch(inputs), targets).backward()
+            with torch.no_grad():
+                for name, w in copies.items():
+                    if w.grad is not None:
+                        scores[name].add_((w * w.grad).abs_())
+            scratch.zero_grad(set_to_none=True)
+            n_batches += 1
     if n_batches == 0:
         raise UsageError("gradient scores need at least one batch of data")
     return scores
@@ -215,31 +219,3 @@ def sparsity_report(weights: Mapping[str, torch.Tensor]) -> dict:
         "sparsity": 1.0 - nonzero / total if total else 0.0,
         "per_layer": per_layer,
     }
-
-
-def schedule(rate: float, levels: int | None, target_sparsity: float | None) -> int:
-    """Number of pruning levels: `levels` as given, or the fewest reaching `target_sparsity`.
-
-    Each level removes `rate` of the remaining weights, so L levels leave (1 - rate)^L of them.
-    """
-    if not 0.0 < rate < 1.0:
-        raise UsageError(f"--rate must be in (0, 1), got {rate}")
-    if (levels is None) == (target_sparsity is None):
-        raise UsageError("give exactly one of --levels and --target-sparsity")
-    if levels is not None:
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise UsageError(f"--levels must be a positive integer, got {levels}")
-        return levels
-    if not 0.0 < target_sparsity < 1.0:
-        raise UsageError(f"--target-sparsity must be in (0, 1), got {target_sparsity}")
-
-    def reached(n: int) -> bool:
-        return 1.0 - (1.0 - rate) ** n >= target_sparsity
-
-    # The logarithm gives the answer up to floating-point error; settle the boundary exactly.
-    n = max(1, math.ceil(math.log1p(-target_sparsity) / math.log1p(-rate)))
-    while not reached(n):
-        n += 1
-    while n > 1 and reached(n - 1):
-        n -= 1
-    return n

@@ -55,7 +55,7 @@ def register_best_sparse(client: MlflowClient, model: torch.nn.Module, *, level_
     Returns the new version number, or None when the current holder is at least as good.
     """
     name = registered_name(dataset, model_name)
-    val_acc, sparsity = metrics.get("val_acc", metrics["test_acc"]), metrics["sparsity"]
+    val_acc, sparsity = metrics["val_acc"], metrics["sparsity"]  # chains refuse parents without a val split
     holder = current_best(client, name)
     if holder is not None:
         held = selection_key(float(holder.tags.get("val_acc", "-1")), float(holder.tags.get("sparsity", "0")))

@@ -24,6 +24,9 @@ class Step:
     hash_config: Callable[[Any, str | None], str]
     # run(config, tracking_uri=, experiment=, parent_run_id=, extra_tags=) -> dense.StepResult
     run: Callable[..., Any]
+    # covers(config, finished run of its hash) -> whether that run holds all the config asks for; a
+    # finished run that does not (a chain asked for more levels) is continued by the step, not reused
+    covers: Callable[[Any, Any], bool] = lambda cfg, run: True
 
     @property
     def tag(self) -> str:
@@ -35,6 +38,15 @@ class Step:
 
     def from_flat(self, values: dict[str, Any]) -> Any:
         return config.from_flat_dict(self.config_class, values)
+
+
+def chain_covers(cfg: config.PruneConfig, run: Any) -> bool:
+    """Whether a finished chain run (an MLflow Run) holds every level `cfg` asks for: it ran at least
+    `cfg.depth()` levels, or its early stop ended it (the rule does not depend on the depth asked
+    for, so a deeper chain would stop at the same level)."""
+    if "sdd.early_stop_level" in run.data.tags:
+        return True
+    return run.data.metrics.get("levels_run", 0.0) >= cfg.depth()
 
 
 def _run_train(cfg: config.TrainConfig, *, tracking_uri: str | None = None, experiment: str | None = None,
@@ -66,10 +78,11 @@ STEPS: dict[str, Step] = {step.name: step for step in (
          lambda cfg, teacher: config.train_hash(cfg, teacher), _run_train),
     Step("prune", "prune", config.PruneConfig,
          "prune a dense run level by level, retraining in between (a chain of MLflow runs)",
-         lambda cfg, teacher: config.chain_hash(cfg, cfg.parent, None, None), _run_prune),
+         lambda cfg, teacher: config.chain_hash(cfg, cfg.parent, None, None), _run_prune, chain_covers),
     Step("distill", "distill", config.DistillChainConfig,
          "a pruning chain whose retraining distils from a teacher model",
-         lambda cfg, teacher: config.chain_hash(cfg.prune, cfg.prune.parent, cfg.distill, teacher), _run_distill),
+         lambda cfg, teacher: config.chain_hash(cfg.prune, cfg.prune.parent, cfg.distill, teacher), _run_distill,
+         lambda cfg, run: chain_covers(cfg.prune, run)),
 )}
 
 STEP_OF_STAGE: dict[str, Step] = {step.stage: step for step in STEPS.values()}

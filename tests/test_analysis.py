@@ -22,14 +22,16 @@ from mlflow.entities import Metric, Param
 
 from analysis.figures import FIGURES
 from analysis.report import SUMMARY, VERDICTS, analyze_study
+from analysis.runs import load_study
 from analysis.summary import dd_peak
+from analysis.verdicts import bad_start_verdicts
 from sdd import tracking
 from sdd.cli import ANALYZE as analysis_cli
 from sdd.config import PruneConfig, TrainConfig, from_flat_dict, to_flat_dict
 from sdd.errors import UsageError
 
 WIDTHS = (8, 16, 32, 64, 128, 256)
-# Mean noisy-subset train accuracy per noise and width: the IT is the first width reaching 0.99.
+# Mean noisy-subset train accuracy per noise and width: the IT is the first width reaching 0.95.
 NOISY_FIT = {0.2: {8: 0.30, 16: 0.60, 32: 0.90, 64: 0.995, 128: 1.0, 256: 1.0},
              0.1: {8: 0.50, 16: 0.80, 32: 0.995, 64: 1.0, 128: 1.0, 256: 1.0}}
 TEST_ACC = {0.2: {8: 0.55, 16: 0.62, 32: 0.60, 64: 0.52, 128: 0.60, 256: 0.66},
@@ -37,15 +39,19 @@ TEST_ACC = {0.2: {8: 0.55, 16: 0.62, 32: 0.60, 64: 0.52, 128: 0.60, 256: 0.66},
 EXPECTED_IT = {0.2: 64, 0.1: 32}
 
 # Expected phases are written out by hand from sdd.phases' rules (IT: first level whose noisy-subset
-# accuracy is below 0.99; tolerance 0.01), never computed with the code under test.
-# The vanilla chains from width 64 (20% noise): noisy labels lost at level 4, dip there, peak at 6.
-# Level 3 (0.66) is the first more than 0.01 below the dense 0.70; after the peak 0.73, level 7
-# (0.725) is within 0.01 of it and level 8 (0.70) is not. Best val_acc (test - 0.01): level 6.
+# accuracy is below 0.95, for a dense parent at or above it; sweet from the first level from the IT on
+# that rises more than 0.01 above the running minimum; tolerance 0.01), never computed with the code under test.
+# The vanilla chains from width 64 (20% noise): noisy labels lost at level 4, the dip's bottom (critical),
+# rise at 5, peak at 6. Level 3 (0.66) is the first more than 0.01 below the dense 0.70; after the peak
+# 0.73, level 7 (0.725) is within 0.01 of it and level 8 (0.70) is not. Best val_acc (test - 0.01): level 6.
 VANILLA_TEST = [0.70, 0.70, 0.695, 0.66, 0.62, 0.68, 0.73, 0.725, 0.70, 0.60, 0.50]
-VANILLA_NOISY = [1.0, 1.0, 1.0, 1.0, 0.97, 0.80, 0.60, 0.50, 0.40, 0.30, 0.20]
+VANILLA_NOISY = [1.0, 1.0, 1.0, 1.0, 0.90, 0.80, 0.60, 0.50, 0.40, 0.30, 0.20]
 VANILLA_ENTROPY = [0.5, 0.5, 0.49, 0.48, 0.40, 0.38, 0.36, 0.34, 0.30, 0.25, 0.20]
-VANILLA_PHASES = ["dense", "light", "light", "critical", "sweet", "sweet", "sweet", "sweet", "collapsed",
+VANILLA_PHASES = ["dense", "light", "light", "critical", "critical", "sweet", "sweet", "sweet", "collapsed",
                   "collapsed", "collapsed"]
+# Seed 0's level 4 (the dip) did not converge; seed 1's levels all did. Level 0 is the dense parent's
+# record (its run's sdd.converged tag), which the chain does not log.
+VANILLA0_CONVERGED = [None, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
 # A chain from width 256 that never loses the noisy labels (no IT) and only declines. Level 3 sits
 # exactly 0.01 below the dense model, still light: critical means *more* than the tolerance below.
 WIDE_TEST = [0.66, 0.66, 0.655, 0.65, 0.64, 0.63, 0.62, 0.61, 0.60, 0.58, 0.55]
@@ -55,11 +61,21 @@ WIDE_PHASES = ["dense", "light", "light", "light", "critical", "critical", "crit
 # test_acc (whose best is level 1) and ties at levels 3 and 5: the best level is 5, the sparser.
 WIDE_VAL = [0.65, 0.63, 0.64, 0.66, 0.64, 0.66, 0.62, 0.61, 0.60, 0.58, 0.55]
 # Distillation from the same parent: the noisy labels are dropped early and the curve is monotonic.
-DISTILL_TEST = [0.70, 0.705, 0.70, 0.70, 0.695, 0.69, 0.685, 0.68, 0.66, 0.62, 0.55]
+DISTILL_TEST = [0.70, 0.705, 0.70, 0.70, 0.695, 0.692, 0.685, 0.68, 0.66, 0.62, 0.55]
 DISTILL_NOISY = [1.0, 0.9, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
-# IT at level 1, which is also the peak (0.705); level 4 (0.695) is exactly 0.01 below it, still sweet.
-DISTILL_PHASES = ["dense", "sweet", "sweet", "sweet", "sweet", "collapsed", "collapsed", "collapsed", "collapsed",
+# IT at level 1; no level rises more than 0.01 above the running minimum, so nothing is sweet: light while
+# within 0.01 of the dense 0.70 (levels 1-5), collapsed from level 6 (0.685): both fall.
+DISTILL_PHASES = ["dense", "light", "light", "light", "light", "light", "collapsed", "collapsed", "collapsed",
                   "collapsed", "collapsed"]
+# A chain from width 32, whose dense parent fits only 89.5% of its noisy labels (< 0.95): it never
+# interpolated, so it has no IT (the old rule put one at level 1), and no sweet or collapsed phase.
+NARROW_TEST = [0.60, 0.60, 0.58, 0.57, 0.55, 0.54, 0.52, 0.50, 0.48, 0.45, 0.40]
+NARROW_NOISY = [0.895, 0.85, 0.80, 0.70, 0.60, 0.50, 0.40, 0.35, 0.30, 0.25, 0.20]
+NARROW_PHASES = ["dense", "light"] + ["critical"] * 9
+# The "strict" study: IT width 16 at its threshold 0.9, 32 at 0.95; its chain's IT level 3 at 0.9, 2 at 0.95.
+STRICT_FIT = {8: 0.50, 16: 0.92, 32: 1.0}
+STRICT_CURVES = ((1, "symmetric"), (2, "symmetric"), (1, "random"))
+STRICT_CHAIN_NOISY = [1.0, 0.97, 0.93, 0.85, 0.70, 0.60, 0.50, 0.40, 0.30, 0.20, 0.10]
 LEVELS = 10
 EPOCHS = 100
 TEST_SIZE = 1000  # the main study's dense runs record it as a param; the tiny study's as a test dataset input
@@ -100,8 +116,11 @@ class Store:
         return run_id
 
     def dense(self, study: str, stage: str, width: int, noise: float, seed: int, noisy: float, test: float,
-              test_size: int | None = TEST_SIZE) -> str:
-        flat = {"width": width, "noise": noise, "seed": seed, "epochs": EPOCHS, "test_size": test_size}
+              test_size: int | None = TEST_SIZE, *, converged: bool | None = None, drop: tuple[str, ...] = (),
+              **options) -> str:
+        """A dense run; `options` are more config values, `drop` params it lacks (as an older or
+        hand-made run might), `converged` its sdd.converged tag (None: none)."""
+        flat = {"width": width, "noise": noise, "seed": seed, "epochs": EPOCHS, "test_size": test_size, **options}
         cfg = from_flat_dict(TrainConfig, flat)
         prunable, other = _params(width)
         clean = min(1.0, noisy + 0.3)
@@ -110,10 +129,10 @@ class Store:
                  "nonzero_params": prunable + other, "sparsity": 0.0, "entropy": 0.5}
         start = {"test_acc": 0.1, "val_acc": 0.1, "train_acc": 0.1, "train_acc_noisy": 0.1,
                  "num_params": prunable + other}
-        run_id = self.run(f"mnist1d-mlp-w{width}-n{noise:g}-s{seed}",
-                          {"sdd.step": "train", "sdd.config_hash": f"h{width}-{noise}-{seed}",
-                           "sdd.study_run_id": study},
-                          parent=stage, params={**to_flat_dict(cfg), "num_params": prunable + other},
+        params = {k: v for k, v in {**to_flat_dict(cfg), "num_params": prunable + other}.items() if k not in drop}
+        tags = {"sdd.step": "train", "sdd.config_hash": f"h{width}-{noise}-{seed}-{sorted(options.items())}",
+                "sdd.study_run_id": study, **({} if converged is None else {"sdd.converged": str(converged).lower()})}
+        run_id = self.run(f"mnist1d-mlp-w{width}-n{noise:g}-s{seed}", tags, parent=stage, params=params,
                           metrics={0: start, EPOCHS: final})
         if test_size is None:  # the dataset's default size: only the logged test split tells it
             tracking.log_datasets(self.client, run_id, "code", {}, [
@@ -122,13 +141,14 @@ class Store:
 
     def chain(self, study: str, dense_id: str, width: int, test: list[float], noisy: list[float],
               entropy: list[float], *, phases: list[str], it_level: int | None, best_level: int | None,
-              val: list[float] | None = None, distill: bool = False,
-              level_runs: bool = False) -> tuple[str, dict[int, str]]:
+              val: list[float] | None = None, distill: bool = False, level_runs: bool = False,
+              converged: list[float] | None = None, role: str | None = None) -> tuple[str, dict[int, str]]:
         """A chain run with its per-level histories (and its level runs, if asked): (chain id, level ids).
 
         `phases` and `it_level` are its sdd.phases / sdd.it_level tags and `best_level` the best level it
         logs (None: no best_* metrics), all as given: the analysis must arrive at them on its own.
-        `val` defaults to test_acc - 0.01.
+        `val` defaults to test_acc - 0.01; `converged` is its per-level metric (None: not logged, as before
+        levels recorded it); `role` its sdd.start_role tag (None: none, as for a start named by hand).
         """
         prunable, other = _params(width)
         val = val or [t - 0.01 for t in test]
@@ -137,7 +157,8 @@ class Store:
             density = 0.8 ** lv
             history[lv] = {"test_acc": t, "val_acc": v, "train_acc_noisy": n, "train_acc": 0.9,
                            "sparsity": 1 - density, "nonzero_params": round(prunable * density) + other,
-                           "entropy": e, "learning_distance": 10 + lv, "learning_distance_level": 2 + 0.1 * lv}
+                           "entropy": e, "learning_distance": 10 + lv, "learning_distance_level": 2 + 0.1 * lv,
+                           **({"converged": converged[lv]} if converged and converged[lv] is not None else {})}
         history[LEVELS].update({"epochs_spent": LEVELS * EPOCHS, "epochs_full": LEVELS * EPOCHS, "levels_run": LEVELS,
                                 "train_flops_spent": 1e9, "train_flops_full": 1e9})
         if best_level is not None:
@@ -147,7 +168,8 @@ class Store:
         step = "distill" if distill else "prune"
         chain_tags = {"sdd.step": step, "sdd.dense_run_id": dense_id, "sdd.study_run_id": study,
                       "sdd.config_hash": f"c-{dense_id}-{step}", "sdd.phases": ",".join(phases),
-                      "sdd.it_level": "none" if it_level is None else str(it_level)}
+                      "sdd.it_level": "none" if it_level is None else str(it_level),
+                      **({"sdd.start_role": role} if role else {})}
         params = {**to_flat_dict(PruneConfig(parent=dense_id, levels=LEVELS)), "dense_model": "mlp",
                   "dense_width": width, "dense_depth": 1, "dataset": "mnist1d", "noise": 0.2}
         if distill:
@@ -212,7 +234,10 @@ def world(tmp_path_factory):
                     dense_ids[width, noise, seed] = reused_id
                     continue
                 noisy = min(1.0, NOISY_FIT[noise][width] + offset)
-                run_id = s.dense(study, dense_stage, width, noise, seed, noisy, TEST_ACC[noise][width] + offset)
+                # 20% noise records convergence (all but w64 seed 1 converged); 10% predates the record
+                converged = None if noise == 0.1 else (width, seed) != (64, 1)
+                run_id = s.dense(study, dense_stage, width, noise, seed, noisy, TEST_ACC[noise][width] + offset,
+                                 converged=converged)
                 dense_ids[width, noise, seed] = run_id
                 trials.append(_trial(f"w{width}-n{noise}-s{seed}", "train", config, run_id))
     failed_id = s.run("mnist1d-mlp-w64-n0.3-s0", {"sdd.step": "train", "sdd.study_run_id": study,
@@ -225,22 +250,31 @@ def world(tmp_path_factory):
     client.log_text(dense_stage, json.dumps(trials), "trials.json")
 
     vanilla0, level_ids = s.chain(study, dense_ids[64, 0.2, 0], 64, VANILLA_TEST, VANILLA_NOISY, VANILLA_ENTROPY,
-                                  phases=VANILLA_PHASES, it_level=4, best_level=6, level_runs=True)
+                                  phases=VANILLA_PHASES, it_level=4, best_level=6, level_runs=True,
+                                  converged=VANILLA0_CONVERGED, role="at")
     # The same curve 0.005 higher: the same phases and best level.
     vanilla1, _ = s.chain(study, dense_ids[64, 0.2, 1], 64, [t + 0.005 for t in VANILLA_TEST], VANILLA_NOISY,
-                          VANILLA_ENTROPY, phases=VANILLA_PHASES, it_level=4, best_level=6)
-    # Wrong tags (an IT at level 5, all sweet) that the analysis must report, not believe.
+                          VANILLA_ENTROPY, phases=VANILLA_PHASES, it_level=4, best_level=6,
+                          converged=[None] + [1.0] * 10, role="at")
+    # Wrong tags (an IT at level 5, all sweet) that the analysis must report, not believe. It is the control
+    # start after the IT (w256 = 4 x 64) for seed 0 only: the bad-start question has one common seed.
     wide, _ = s.chain(study, dense_ids[256, 0.2, 0], 256, WIDE_TEST, [1.0] * 11, [0.5] * 11,
-                      phases=["dense"] + ["sweet"] * 10, it_level=5, best_level=None, val=WIDE_VAL)
+                      phases=["dense"] + ["sweet"] * 10, it_level=5, best_level=None, val=WIDE_VAL, role="after")
     distilled, _ = s.chain(study, dense_ids[64, 0.2, 0], 64, DISTILL_TEST, DISTILL_NOISY,
                            [0.5 - 0.01 * lv for lv in range(11)], phases=DISTILL_PHASES, it_level=1, best_level=1,
                            distill=True)
+    # tagged as the old rule had it: an IT at level 1 for a parent that never interpolated; the IT's
+    # neighbour below it, not a control
+    narrow, _ = s.chain(study, dense_ids[32, 0.2, 0], 32, NARROW_TEST, NARROW_NOISY, [0.5] * 11,
+                        phases=["dense", "light", "critical"] + ["sweet"] * 8, it_level=1, best_level=1, role="below")
     prune_trials = [_trial("w64-s0", "prune", {"parent": "w64-n0.2-s0"}, vanilla0),
+                    _trial("w32-s0", "prune", {"parent": "w32-n0.2-s0"}, narrow),
                     _trial("w64-s1", "prune", {"parent": "w64-n0.2-s1"}, vanilla1),
                     _trial("w256-s0", "prune", {"parent": "w256-n0.2-s0"}, wide),
                     _trial("w128-s0", "prune", {"parent": "w128-n0.2-s0"}, None, status="FAILED",
                            error="RuntimeError: chain died", attempts=2)]
-    s.stage(study, "prune", prune_trials)
+    # The study selected its starts at 0.9; it is analysed at an explicit 0.95 (see test_an_explicit_threshold_...)
+    client.set_tag(s.stage(study, "prune", prune_trials), "sdd.it_threshold", "0.9")
     s.stage(study, "distill", [_trial("w64-s0-kd", "distill", {"parent": "w64-n0.2-s0", "alpha": 0.8}, distilled)])
     best = {"sparsity": 1 - 0.8 ** 6, "val_acc": VANILLA_TEST[6] - 0.01, "test_acc": VANILLA_TEST[6]}
     version = s.register(tmp, vanilla0, dense_ids[64, 0.2, 0], 6, level_ids[6], best)
@@ -257,11 +291,37 @@ def world(tmp_path_factory):
                    for w in (8, 16)]
     client.log_text(tiny_stage, json.dumps(tiny_trials), "trials.json")
 
+    # Threshold 0.9, recorded by its prune stage's start selection; three DD curves (depth 1 and 2, and at
+    # depth 1 a second noise kind); one dense run lacks its width param.
+    strict = s.study("strict")
+    strict_stage = s.run("sweep dense", {"sdd.step": "sweep", "sdd.stage": "dense", "sdd.study_run_id": strict},
+                         parent=strict)
+    strict_trials, strict_parent = [], None
+    for depth, kind in STRICT_CURVES:
+        for width, fit in STRICT_FIT.items():
+            for seed in (0, 1):
+                run_id = s.dense(strict, strict_stage, width, 0.2, seed, fit, 0.60 + 0.01 * depth + 0.002 * seed,
+                                 depth=depth, noise_kind=kind)
+                strict_trials.append(_trial(f"d{depth}-{kind}-w{width}-s{seed}", "train", {"width": width}, run_id))
+                if (depth, kind, width, seed) == (1, "symmetric", 32, 0):
+                    strict_parent = run_id
+    widthless = s.dense(strict, strict_stage, 64, 0.2, 0, 1.0, 0.6, drop=("width",))
+    # and a depth with no width recorded at all: no DD curve (it would have its "IT" at a missing width)
+    lone = s.dense(strict, strict_stage, 64, 0.2, 0, 1.0, 0.6, drop=("width",), depth=3)
+    strict_trials += [_trial("no-width", "train", {}, widthless), _trial("no-width-d3", "train", {}, lone)]
+    client.log_text(strict_stage, json.dumps(strict_trials), "trials.json")
+    strict_chain, _ = s.chain(strict, strict_parent, 32, [0.62 - 0.01 * lv for lv in range(11)], STRICT_CHAIN_NOISY,
+                              [0.5] * 11, phases=["dense"], it_level=3, best_level=1)
+    prune_stage = s.stage(strict, "prune", [_trial("w32-s0", "prune", {}, strict_chain)])
+    client.set_tag(prune_stage, "sdd.it_threshold", "0.9")
+
     out = tmp / "report"
-    report = analyze_study(client, study, out)
+    report = analyze_study(client, study, out, it_threshold=0.95)
     return {"client": client, "uri": uri, "tmp": tmp, "study": study, "out": out, "report": report,
-            "vanilla0": vanilla0, "vanilla1": vanilla1, "wide": wide, "distilled": distilled, "version": version,
-            "reused": reused_id, "dense_64": dense_ids[64, 0.2, 0], "dead": dead, "tiny": tiny}
+            "vanilla0": vanilla0, "vanilla1": vanilla1, "wide": wide, "narrow": narrow, "distilled": distilled,
+            "version": version,
+            "reused": reused_id, "dense_64": dense_ids[64, 0.2, 0], "dead": dead, "tiny": tiny, "strict": strict,
+            "strict_chain": strict_chain, "widthless": widthless}
 
 
 @pytest.fixture(scope="module")
@@ -289,13 +349,13 @@ def test_finds_the_phases_of_the_chain(world, summary):
     row = _chain_row(summary, world["vanilla0"])
     assert row["it_level"] == 4
     bounds = {p: (row[f"{p}_first"], row[f"{p}_last"]) for p in ("light", "critical", "sweet", "collapsed")}
-    assert bounds == {"light": (1, 2), "critical": (3, 3), "sweet": (4, 7), "collapsed": (8, 10)}
+    assert bounds == {"light": (1, 2), "critical": (3, 4), "sweet": (5, 7), "collapsed": (8, 10)}
     assert bool(row["phases_match"])
     levels = pd.read_csv(world["out"] / "chain_levels.csv")
     phases = levels[levels["chain_run_id"] == world["vanilla0"]].sort_values("level")["phase"].tolist()
     assert phases == VANILLA_PHASES
     for key, expected, it_level in (("vanilla1", VANILLA_PHASES, 4), ("distilled", DISTILL_PHASES, 1),
-                                    ("wide", WIDE_PHASES, None)):
+                                    ("wide", WIDE_PHASES, None), ("narrow", NARROW_PHASES, None)):
         phases = levels[levels["chain_run_id"] == world[key]].sort_values("level")["phase"].tolist()
         assert phases == expected, key
         row = _chain_row(summary, world[key])
@@ -303,8 +363,9 @@ def test_finds_the_phases_of_the_chain(world, summary):
     for key in ("vanilla1", "distilled"):
         assert bool(_chain_row(summary, world[key])["phases_match"]), key
     row = _chain_row(summary, world["distilled"])
-    assert (row["sweet_first"], row["sweet_last"], row["collapsed_first"], row["collapsed_last"]) == (1, 4, 5, 10)
-    assert pd.isna(row["light_first"]) and pd.isna(row["critical_first"])
+    # a monotone decline after the IT: no sweet phase
+    assert (row["light_first"], row["light_last"], row["collapsed_first"], row["collapsed_last"]) == (1, 5, 6, 10)
+    assert pd.isna(row["sweet_first"]) and pd.isna(row["critical_first"])
     row = _chain_row(summary, world["wide"])
     assert (row["light_first"], row["light_last"], row["critical_first"], row["critical_last"]) == (1, 3, 4, 10)
 
@@ -321,12 +382,14 @@ def test_best_level_and_early_stop(world, summary):
     row = _chain_row(summary, world["vanilla0"])
     assert (row["best_level"], row["best_test_acc"]) == (6, pytest.approx(0.73))
     assert row["best_sparsity"] == pytest.approx(1 - 0.8 ** 6)
-    assert row["early_stop_level"] == 4
-    # Best val_acc up to the stop (levels 1-4: 0.69, 0.685, 0.65, 0.61), picked by the analysis itself.
-    assert (row["early_stop_best_level"], row["early_stop_best_test_acc"]) == (1, pytest.approx(0.70))
-    assert row["early_stop_epochs_saved"] == pytest.approx(0.6)
+    # The entropy leaves its plateau at level 4 (0.40, 20% below dense); from there the best val_acc is
+    # tracked (0.61, 0.67, 0.72, 0.715) and level 8 (0.69) is more than 0.02 below the best 0.72.
+    assert row["early_stop_level"] == 8
+    # Best val_acc up to the stop, picked by the analysis itself: level 6.
+    assert (row["early_stop_best_level"], row["early_stop_best_test_acc"]) == (6, pytest.approx(0.73))
+    assert row["early_stop_epochs_saved"] == pytest.approx(0.2)
     density = [0.8 ** lv for lv in range(1, LEVELS + 1)]
-    assert row["early_stop_flops_saved"] == pytest.approx(1 - sum(density[:4]) / sum(density), abs=1e-5)
+    assert row["early_stop_flops_saved"] == pytest.approx(1 - sum(density[:8]) / sum(density), abs=1e-5)
     wide = _chain_row(summary, world["wide"])
     assert pd.isna(wide["early_stop_level"])
     # No logged best level: the analysis' own pick, by val_acc (not test_acc), the tie to the sparser level.
@@ -399,7 +462,7 @@ def test_headline_answers(world):
     # one distilled seed: nothing to pair it with
     assert ("distill magnitude/lr_rewind a0.8 T10 vs prune magnitude/lr_rewind (1 common seed): "
             "**one seed: not tested** (recovery reduction – [–, –], p –, 1 seed)") in report
-    assert "would stop at **level 4**" in report
+    assert "would stop at **level 8**" in report
     assert "study file `sweeps/synthetic.yaml`" in report
     for name in FIGURES:
         assert f"]({name})" in report
@@ -409,9 +472,9 @@ def test_verdicts_are_logged_one_per_curve(world, summary):
     logged = world["client"].download_artifacts(world["study"], f"report/{VERDICTS}", str(world["out"] / "dlv"))
     records = json.load(open(logged, encoding="utf-8"))
     kinds = [r["kind"] for r in records]
-    # one DD curve per noise level; per chain group (w64 prune, w64 distill, w256 prune) sdd + retrace;
-    # one distilled group with its vanilla group
-    assert sorted(kinds) == ["dd"] * 2 + ["distill"] + ["retrace"] * 3 + ["sdd"] * 3
+    # one DD curve per noise level; per chain group (w64 prune, w64 distill, w256 prune, w32 prune) sdd + retrace;
+    # one distilled group with its vanilla group; one IT start with a control (bad_start)
+    assert sorted(kinds) == ["bad_start"] + ["dd"] * 2 + ["distill"] + ["retrace"] * 4 + ["sdd"] * 4
     for r in records:
         assert r["n_test"] == TEST_SIZE
         assert {"effect", "p_value", "seeds", "verdict"} <= set(r["result"]) or \
@@ -437,7 +500,7 @@ def test_verdicts_are_logged_one_per_curve(world, summary):
     assert distill["chain_run_ids"] == [world["distilled"]] and distill["vanilla_chain_run_ids"] == [world["vanilla0"]]
     assert distill["result"]["verdict"] == "one seed: not tested"
     # summary.csv carries the same verdicts with effect, CI, p-value and seeds
-    rows = summary[summary["kind"].isin(["dd", "sdd", "retrace", "distill"])]
+    rows = summary[summary["kind"].isin(["dd", "sdd", "retrace", "distill", "bad_start"])]
     assert len(rows) == len(records)
     for column in ("effect", "ci_low", "ci_high", "p_value", "seeds", "verdict"):
         assert column in rows.columns
@@ -483,3 +546,159 @@ def test_bad_threshold_raises_usage_error(world, tmp_path):
 def test_curve_shapes():
     assert dd_peak([0.45, 0.38, 0.40, 0.48, 0.40, 0.34]) == 3  # rises most above the best smaller model
     assert dd_peak([0.5, 0.4, 0.3]) is None  # error only falls with width
+
+
+def test_no_it_when_the_dense_parent_never_interpolated(world, summary):
+    # The w32 parent fits 89.5% of its noisy labels (< 0.95): its chain has no IT, whatever it loses later.
+    row = _chain_row(summary, world["narrow"])
+    assert row["it_status"] == "never interpolated" and pd.isna(row["it_level"])
+    assert row["dense_noisy_fit"] == pytest.approx(0.895)
+    assert pd.isna(row["sweet_first"]) and pd.isna(row["collapsed_first"])
+    assert not bool(row["phases_match"])  # its tag (IT level 1) followed the old rule
+    report = world["report"].read_text()
+    assert f"`{world['narrow'][:8]}`): tag IT level 1" in report and "recomputed IT level never interpolated" in report
+    vanilla = _chain_row(summary, world["vanilla0"])
+    assert vanilla["it_status"] == "4"
+
+
+def test_verdicts_say_which_unconverged_points_they_rest_on(world, summary):
+    report = world["report"].read_text()
+    # the 20% DD verdict rests on widths 16, 64 and 256; w64 seed 1 did not converge
+    assert "p < 0.001, 2 seeds (points 1 -> 3 -> 5)**; **rests on 1 unconverged width (64)**" in report
+    # 10% noise predates the record
+    assert "along width: **one seed: not tested** (dip 0.080 [–, –], recovery 0.120 [–, –], p –, 1 seed); " \
+        "convergence not recorded" in report
+    # the SDD claim rests on levels 0 -> 4 -> 6: level 0 holds the unconverged w64 seed-1 parent, level 4 seed 0's dip
+    sdd = report.split("**w64, noise 20%**, prune magnitude/lr_rewind (2 seeds): **dip 0.080 [")[1].split("\n")[0]
+    assert "**rests on 2 unconverged levels (0, 4)**" in sdd
+    rows = summary[(summary["kind"] == "sdd") & (summary["width"] == 64) & (summary["step"] == "prune")]
+    assert rows["unconverged_levels"].iloc[0] == 2
+    wide = summary[(summary["kind"] == "sdd") & (summary["width"] == 256)].iloc[0]
+    # only the dense parent recorded it: nothing unconverged, ten levels unknown
+    assert wide["unconverged_levels"] == 0 and "convergence not recorded at 10 levels" in wide["convergence"]
+    records = json.loads((world["out"] / VERDICTS).read_text())
+    dd = next(r for r in records if r["kind"] == "dd" and r["noise"] == 0.1)
+    assert dd["unconverged_levels"] is None and dd["convergence"] == "convergence not recorded"
+    chain = _chain_row(summary, world["vanilla0"])
+    assert (chain["unconverged_levels"], chain["convergence_recorded_levels"]) == (1, 10)
+    assert pd.isna(_chain_row(summary, world["wide"])["unconverged_levels"])
+    assert "| 1 of 10 |" in report and "| not recorded |" in report
+
+
+@pytest.fixture(scope="module")
+def strict(world):
+    """The strict study analysed at its own threshold (not passed): (summary, report text, folder)."""
+    folder = world["tmp"] / "strict"
+    report = analyze_study(world["client"], world["strict"], folder)
+    return pd.read_csv(folder / SUMMARY), report.read_text(), folder
+
+
+def test_the_study_threshold_is_used_without_passing_it(world, strict):
+    summary, report, _ = strict
+    dd = summary[summary["kind"] == "dd"]
+    assert set(dd["it_width"]) == {16} and set(dd["it_threshold"]) == {0.9}  # 32 at 0.95
+    assert _chain_row(summary, world["strict_chain"])["it_level"] == 3  # 2 at 0.95
+    assert "crosses 0.9 (the study's start selection" in report
+
+
+def test_an_explicit_threshold_overrides_the_studys(world, summary):
+    # The main study recorded 0.9 (its prune stage's start selection) and was analysed at an explicit 0.95.
+    assert load_study(world["client"], world["study"]).recorded_threshold()[0] == 0.9
+    assert "crosses 0.95 (given with --it-threshold" in world["report"].read_text()
+    dd = summary[summary["kind"] == "dd"].set_index("noise")
+    assert dd.loc[0.2, "it_threshold"] == 0.95
+    # at 0.9 the vanilla chain's IT would be level 5: its noisy-subset fit is 0.90 at level 4
+    assert _chain_row(summary, world["vanilla0"])["it_level"] == 4
+
+
+def test_dense_runs_pool_only_over_seeds(strict):
+    # Depth 2 and the random noise kind are curves of their own; the seeds of each are pooled.
+    summary, report, folder = strict
+    dd = summary[summary["kind"] == "dd"]
+    assert sorted(dd["family"]) == ["mnist1d mlp d2 noise_kind=symmetric", "mnist1d mlp noise_kind=random",
+                                    "mnist1d mlp noise_kind=symmetric"]
+    assert set(dd["n_widths"]) == {3} and set(dd["min_seeds"]) == {2} and set(dd["max_seeds"]) == {2}
+    records = json.loads((folder / VERDICTS).read_text())
+    assert sorted(r["family"] for r in records if r["kind"] == "dd") == sorted(dd["family"])
+
+
+def test_a_dense_run_without_width_is_left_out_of_the_curve(world, strict):
+    summary, report, folder = strict
+    dense = pd.read_csv(folder / "dense_runs.csv")
+    assert pd.isna(dense.loc[dense["run_id"] == world["widthless"], "width"]).all()
+    assert (folder / "dd_curve.png").stat().st_size > 10_000
+    assert "**IT at width 16**" in report
+    dd = summary[summary["kind"] == "dd"]
+    assert len(dd) == 3 and set(dd["n_widths"]) == {3}  # neither a "nan" width nor a curve of its own
+
+
+def test_the_bad_start_verdict_is_reported(world, summary):
+    # IT start w64 (seeds 0 and 1) against the control after it, w256 (seed 0 only): one common seed; the w32
+    # chain is the IT's neighbour below, no control, and the distilled chain has no control of its own.
+    records = json.loads((world["out"] / VERDICTS).read_text())
+    (start,) = [r for r in records if r["kind"] == "bad_start"]
+    assert (start["width"], start["control_starts"], start["dense_seeds"]) == (64, "after w256", [0])
+    assert start["it_chain_run_ids"] == [world["vanilla0"]]
+    assert start["control_chain_run_ids"] == {"after": [world["wide"]]}
+    assert start["result"]["verdict"] == "one seed: not tested" and start["result"]["seeds"] == 1
+    # best by val_acc: 0.73 at level 6 from the IT parent, 0.63 at level 5 from w256
+    assert start["result"]["effect"] == pytest.approx(0.10) and start["result"]["p_value"] is None
+    assert start["convergence"] == "rests on no unconverged best level; convergence not recorded at 1 best level"
+    (row,) = summary[summary["kind"] == "bad_start"].to_dict("records")
+    assert (row["setting"], row["seeds"], row["verdict"], row["dense_seeds"]) == \
+        ("prune magnitude/lr_rewind", 1, "one seed: not tested", "0")
+    report = world["report"].read_text()
+    assert "### 3. Is the interpolation threshold a bad place to start pruning?" in report
+    assert ("prune magnitude/lr_rewind: IT start w64 vs after w256 (1 common seed): **one seed: not tested** "
+            "(best test accuracy, IT - controls 0.100 [–, –], p –, 1 seed)") in report
+
+
+def _start_tables(best: dict[tuple[str, int], list[float]], *, setting: str = "prune magnitude/lr_rewind",
+                  unconverged: tuple[str, int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Hand-built chains, levels and dense tables (the columns analysis.runs and summary give them): one
+    chain per (start role, width) and seed with the given best test accuracy at its best level 5;
+    `unconverged`: the (role, seed) whose best level did not converge."""
+    chains, levels, dense = [], [], []
+    for (role, width), accs in best.items():
+        for seed, acc in enumerate(accs):
+            if acc is None:
+                continue
+            dense_id, chain_id = f"d{width}s{seed}", f"{role}{width}s{seed}{setting}"
+            dense.append({"run_id": dense_id, "test_size": 10_000})
+            chains.append({"chain_run_id": chain_id, "dense_run_id": dense_id, "family": "mnist1d mlp", "noise": 0.2,
+                           "start_epoch": None, "step": setting.split(" ")[0], "setting": setting, "scope": "global",
+                           "rate": 0.2, "variant": "", "start_role": role, "width": width, "dense_seed": seed,
+                           "best_level": 5, "best_test_acc": acc})
+            levels.append({"chain_run_id": chain_id, "level": 5,
+                           "converged": 0.0 if unconverged == (role, seed) else 1.0})
+    return pd.DataFrame(chains), pd.DataFrame(levels), pd.DataFrame(dense).drop_duplicates("run_id")
+
+
+def test_the_it_is_a_bad_start_only_when_clearly_worse_than_the_controls():
+    # Three seeds, 10,000 test samples (binomial SE 0.005): the IT parent's best pruned accuracy is ~0.05
+    # below both controls in every seed. Seed 3 has no control chain and the neighbour "below" is no control:
+    # neither enters. A second setting has IT chains only: no verdict.
+    chains, levels, dense = _start_tables({("at", 64): [0.60, 0.61, 0.60, 0.70], ("before", 16): [0.66, 0.655, 0.665],
+                                           ("after", 256): [0.65, 0.66, 0.645], ("below", 32): [0.80, 0.80, 0.80]},
+                                          unconverged=("after", 1))
+    only_it = _start_tables({("at", 64): [0.6, 0.6, 0.6]}, setting="prune random/lr_rewind")
+    rows, found = bad_start_verdicts(pd.concat([chains, only_it[0]]), pd.concat([levels, only_it[1]]), dense)
+    (verdict,) = found
+    assert verdict.kind == "bad_start" and verdict.key["dense_seeds"] == [0, 1, 2]
+    assert verdict.key["control_starts"] == "before w16, after w256" and verdict.n_test == 10_000
+    r = verdict.result
+    # per seed: IT - mean(controls) = -0.055, -0.0475, -0.055
+    assert r.bad_start and r.effect == pytest.approx(-0.0525) and r.p_value < 0.05 and r.ci[1] < 0
+    assert r.verdict.startswith("the IT is a bad start: best pruned accuracy 0.052 [") and "3 seeds" in r.verdict
+    assert verdict.convergence == "rests on 1 unconverged best level (after w256)" and verdict.unconverged == 1
+    (row,) = rows.to_dict("records")
+    assert bool(row["bad_start_claim"]) and row["n_seeds"] == 3 and row["bad_start_p_value"] == r.p_value
+
+    # the same study with the IT parent as good as the controls: not significant
+    chains, levels, dense = _start_tables({("at", 64): [0.650, 0.655, 0.648], ("before", 16): [0.652, 0.650, 0.651],
+                                           ("after", 256): [0.649, 0.653, 0.650]})
+    _, (verdict,) = bad_start_verdicts(chains, levels, dense)
+    assert not verdict.result.bad_start and verdict.result.p_value > 0.2
+    assert verdict.result.verdict.startswith("not significant: best pruned accuracy IT - controls 0.000 [")
+    assert verdict.columns()["verdict"] == verdict.result.verdict and verdict.convergence == \
+        "rests on no unconverged best level"

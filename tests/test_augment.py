@@ -83,3 +83,60 @@ def test_bad_input():
         random_crop_flip(torch.randn(2, 3, 8, 8), pad=-1)
     with pytest.raises(UsageError, match="generator"):
         random_crop_flip(torch.empty(2, 3, 8, 8, device="meta"), generator=_gen(0))
+
+
+# ---------------------------------------------------------------- padding with black, not with the mean
+
+
+def test_pad_fill_is_per_channel():
+    x = torch.full((300, 3, 4, 4), 5.0)
+    fill = torch.tensor([-1.0, -2.0, -3.0])
+    out = random_crop_flip(x, pad=2, fill=fill, generator=_gen(4))
+    for c in range(3):
+        assert set(out[:, c].unique().tolist()) == {5.0, fill[c].item()}
+    # No fill leaves torchvision's default: zeros.
+    assert set(random_crop_flip(x, pad=2, generator=_gen(4)).unique().tolist()) == {0.0, 5.0}
+    with pytest.raises(UsageError, match="fill"):
+        random_crop_flip(x, pad=2, fill=torch.zeros(2))
+
+
+def test_image_splits_record_where_black_lands(tmp_path):
+    from test_data import _write_cifar10
+
+    from sdd.data import load_dataset
+
+    train_images, _, _ = _write_cifar10(tmp_path)
+    s = load_dataset("cifar10", data_dir=str(tmp_path))  # no hold-out: the statistics are the whole pool's
+    raw = train_images.astype("float64")
+    mean, std = raw.mean(axis=(0, 2, 3)), raw.std(axis=(0, 2, 3))
+    assert s.black is not None and s.black.shape == (3,)
+    assert torch.allclose(s.black.double(), torch.from_numpy(-mean / std), atol=1e-5)
+    assert load_dataset("mnist1d", train_size=20, test_size=10).black is None
+
+
+def test_training_pads_with_the_black_of_its_data(store, tmp_path, monkeypatch):
+    """Dense runs and pruning levels pad the normalised images with normalised black."""
+    from test_data import _write_cifar10
+
+    from conftest import tiny_train
+    from sdd import training
+    from sdd.chain import run_prune
+    from sdd.config import PruneConfig
+    from sdd.data import load_dataset
+    from sdd.dense import run_train
+
+    _write_cifar10(tmp_path / "cifar", per_batch=8)
+    black = load_dataset("cifar10", data_dir=str(tmp_path / "cifar"), val_size=8).black
+    fills = []
+
+    def recording(x, **kwargs):
+        fills.append(kwargs.get("fill"))
+        return random_crop_flip(x, **kwargs)
+
+    monkeypatch.setattr(training, "random_crop_flip", recording)
+    cfg = tiny_train(dataset="cifar10", data_dir=str(tmp_path / "cifar"), train_size=None, test_size=None,
+                     val_size=8, augment=True, model="cnn5", width=1, epochs=1, batch_size=16)
+    parent = run_train(cfg).run_id
+    run_prune(PruneConfig(parent=parent, levels=1, epochs=1, device="cpu", register=False))
+    assert len(fills) == 2 * 2  # 32 images in batches of 16, one dense epoch and one level epoch
+    assert all(f is not None and torch.equal(f, black) for f in fills)

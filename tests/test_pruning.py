@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from sdd.config import pruning_levels as schedule
 from sdd.errors import UsageError
+from sdd.models import build_model, prunable_weights
 from sdd.pruning import (
     apply_masks,
     as_float_masks,
@@ -15,7 +17,6 @@ from sdd.pruning import (
     magnitude_scores,
     prune_masks,
     random_scores,
-    schedule,
     sparsity_report,
 )
 
@@ -242,6 +243,26 @@ def test_gradient_scores_work_under_no_grad_and_need_data() -> None:
         gradient_scores(model, weights, [], nn.functional.cross_entropy)
 
 
+def test_gradient_scores_leave_the_model_state_untouched() -> None:
+    # Scoring runs forward passes in train mode; on the model itself they would move its BatchNorm running
+    # statistics (and count batches), so the model retrained and evaluated after pruning would not be the one
+    # that was scored.
+    torch.manual_seed(0)
+    model = build_model("cnn5", width=2, input_shape=(3, 16, 16), num_classes=10).train()
+    weights = prunable_weights(model)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert any(k.endswith("num_batches_tracked") for k in before)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+               for _ in range(2)]
+    scores = gradient_scores(model, weights, batches, nn.functional.cross_entropy)
+    assert all(s.shape == weights[n].shape and s.sum() > 0 for n, s in scores.items())
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
 def test_random_scores_are_deterministic_with_a_seeded_generator() -> None:
     _, weights = _mlp()
     a = random_scores(weights, torch.Generator().manual_seed(3))
@@ -293,3 +314,15 @@ def test_schedule_rejects_bad_input(
 ) -> None:
     with pytest.raises(UsageError, match=message):
         schedule(rate, levels, target)
+
+
+def test_a_chains_depth_is_not_part_of_its_identity() -> None:
+    from sdd.config import PruneConfig, chain_hash
+
+    def hash_of(**kw) -> str:
+        return chain_hash(PruneConfig(parent="p", **kw), "p", None, None)
+
+    assert hash_of(levels=14) == hash_of(levels=22) == hash_of(target_sparsity=0.99) == hash_of()
+    assert hash_of(levels=14) != hash_of(levels=14, rate=0.3)
+    assert [PruneConfig(levels=14).depth(), PruneConfig(target_sparsity=0.99).depth(), PruneConfig().depth()] == \
+        [14, 21, 20]

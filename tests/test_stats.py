@@ -285,7 +285,7 @@ def test_an_equal_start_is_claimed_at_most_alpha_and_a_better_one_never():
         hits.append(it_is_a_bad_start(it, ctl, N_TEST).bad_start)
     assert np.mean(hits) <= BOUND
     better = it_is_a_bad_start(np.full(3, 0.70), np.full(3, 0.65), N_TEST)
-    assert not better.bad_start and better.effect > 0 and better.verdict.startswith("not shown")
+    assert not better.bad_start and better.effect > 0 and better.verdict.startswith("not significant: ")
     one = it_is_a_bad_start([0.6], [0.65], N_TEST)
     assert one.verdict == ONE_SEED and not one.bad_start
 
@@ -322,3 +322,16 @@ def test_student_t_matches_scipy():
     for t, df in [(1.3, 2), (-0.4, 2), (2.9, 5.5), (10.0, 1), (0.01, 30), (-3.0, 7.3)]:
         assert stats._t_sf(t, df) == pytest.approx(sst.t.sf(t, df), rel=1e-9, abs=1e-12)
         assert stats._t_ppf(0.975, df) == pytest.approx(sst.t.ppf(0.975, df), rel=1e-8)
+
+
+def test_seed_band_is_the_t_interval_of_the_seed_mean():
+    from analysis.stats import seed_band
+
+    # two seeds at 0.50 and 0.52: mean 0.51, s = 0.01414, t(0.975, 1) = 12.706 -> half-width 0.127
+    mean, low, high = seed_band([[0.50, 0.6, math.nan], [0.52, 0.6, 0.7]])
+    assert mean[:2] == pytest.approx([0.51, 0.6]) and (high[0] - mean[0]) == pytest.approx(12.706 * 0.01, rel=1e-3)
+    assert low[1] == high[1] == pytest.approx(0.6)  # seeds agree, no test-set floor: no width
+    assert math.isnan(low[2]) and mean[2] == pytest.approx(0.7)  # one seed reached it: no band
+    # with the test set's size the binomial floor keeps the band open where the seeds agree
+    _, low, high = seed_band([[0.6], [0.6]], 1000)
+    assert (high[0] - 0.6) == pytest.approx(12.706 * math.sqrt(0.24 / 1000 / 2), rel=1e-3)

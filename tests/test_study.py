@@ -15,13 +15,15 @@ from mlflow.exceptions import MlflowException
 
 from analysis.runs import family_label
 from sdd.cli import build_parser
+from sdd.config import PruneConfig
 from sdd.sweep import run as sweep_run
 from sdd.sweep.study_file import load_study
-from tests.test_sweep import TINY, all_runs, by_step, ray_local, sdd_main, write_study  # noqa: F401 - fixture
+from tests.test_sweep import ONE_SEED, TINY, all_runs, by_step, ray_local, sdd_main, write_study  # noqa: F401
 
-TINY_STUDY = TINY + """
+TINY_STUDY = ONE_SEED + """
   distill:
     start: {select: [at], threshold: 0.9}
+    seeds: [1]
     recipe: {levels: 2, epochs: 20, register: false, device: cpu, teacher: best_dense}
 """
 
@@ -50,8 +52,8 @@ def test_tiny_study_end_to_end(ray_local, store, tmp_path, capsys):  # noqa: F81
     client = MlflowClient(store)
     assert "report/report.md" in [a.path for a in client.list_artifacts(study_run.info.run_id, "report")]
     assert client.get_run(study_run.info.run_id).data.metrics["wall_time_s"] > 0
-    check_report_against_runs(client, report.parent, study_run.info.run_id,
-                              sweep_run.it_threshold(load_study(path)))
+    assert study_run.data.tags["sdd.it_threshold"] == "0.9"  # `sdd analyze` reads it back
+    check_report_against_runs(client, report.parent, study_run.info.run_id, load_study(path).it_threshold)
 
 
 # --- the report's tables against what the steps logged ------------------------------------------------
@@ -189,10 +191,10 @@ def check_report_against_runs(client: MlflowClient, report_dir: Path, study_id: 
         # The report recomputes the phases at its own threshold (chain_levels.csv's phase column) and
         # says whether the chain's tags agree; that verdict must be about the tags the chain holds.
         phases = ",".join(r["phase"] for r in sorted(levels[chain_id], key=lambda r: int(r["level"])))
-        agree = tags["sdd.phases"] == phases and tags["sdd.it_level"] == (row["it_level"] or "none")
+        agree = tags["sdd.phases"] == phases and tags["sdd.it_level"] == row["it_status"]  # level, none or never
         expect(where, "phases_match", row["phases_match"], str(agree),
                f"tags sdd.phases={tags['sdd.phases']!r}, sdd.it_level={tags['sdd.it_level']!r} vs recomputed "
-               f"{phases!r}, it_level {row['it_level'] or 'none'!r}; tags agree")
+               f"{phases!r}, IT {row['it_status']!r}; tags agree")
 
     # DD curve rows: seed means of the dense runs' final metrics, per family and noise level.
     groups: dict[tuple[str, float], list[Run]] = defaultdict(list)
@@ -236,9 +238,22 @@ def check_report_against_runs(client: MlflowClient, report_dir: Path, study_id: 
 
 
 def test_study_threshold_follows_the_file(tmp_path):
-    assert sweep_run.it_threshold(load_study(write_study(tmp_path, TINY_STUDY))) == 0.9
+    assert load_study(write_study(tmp_path, TINY_STUDY)).it_threshold == 0.9
     no_chains = write_study(tmp_path, TINY[:TINY.index("  prune:")], "dense.yaml")
-    assert sweep_run.it_threshold(load_study(no_chains)) == 0.99
+    assert load_study(no_chains).it_threshold == PruneConfig().it_threshold
+    # Without start selection, the chains' own threshold is the study's.
+    named = TINY.replace("start: {select: [before, below, at, above, after], threshold: 0.9}",
+                         "start: [{width: 8}]").replace("levels: 2,", "levels: 2, it_threshold: 0.8,")
+    assert load_study(write_study(tmp_path, named, "named.yaml")).it_threshold == 0.8
+
+
+def test_study_run_records_the_threshold(store, tmp_path):
+    # `sdd analyze` reads the threshold back from the study run: the one that selected the starts.
+    from sdd.sweep import lineage
+
+    study = load_study(write_study(tmp_path, TINY_STUDY))
+    run_id = lineage.open_study_run(lineage.open_store(study.experiment, create=True), study, lineage._ProjectRun())
+    assert MlflowClient(store).get_run(run_id).data.tags["sdd.it_threshold"] == "0.9"
 
 
 def test_default_file_and_bad_file(store, tmp_path, capsys):

@@ -22,7 +22,8 @@ stages:
       - {max_width: 16, cpu: 1, gpu: 0.25}
       - {cpu: 2, gpu: 1}
   prune:
-    start: {select: [below, at], threshold: 0.9, seeds: [1], epoch: 50}
+    start: {select: [below, at], threshold: 0.9, epoch: 50}
+    seeds: [1]
     recipe: {levels: 3, epochs: 20}
     grid: {retrain: [lr_rewind, finetune], criterion: [magnitude]}
   distill:
@@ -59,8 +60,10 @@ def test_good_file_is_typed(tmp_path):
                                                       "seed": 0})
     assert dense.resources.for_width(8) == ResourceRule(1.0, 0.25, 16)
     assert dense.resources.for_width(64) == ResourceRule(2.0, 1.0, None)
-    assert study.stages["prune"].start == AutoStart(("below", "at"), 0.9, 4.0, (1,), 50)
-    assert study.stages["distill"].start == (ExplicitStart({"width": 64, "noise": 0.2, "seed": 0}),)
+    assert study.stages["prune"].start == AutoStart(("below", "at"), 0.9, 4.0, 50)
+    assert study.stages["prune"].seeds == (1,)
+    assert study.stages["distill"].start == (ExplicitStart({"width": 64, "noise": 0.2, "seed": 0}, None, (0,)),)
+    assert study.it_threshold == 0.9
     assert [p for _, p in study.stages["distill"].points()][1]["teacher"] == "best_dense:width=8"
 
 
@@ -106,8 +109,35 @@ def test_teacher_selector():
     ("stages: {prune: {start: [{width: 8}]}}", "stages.prune: needs a dense stage in the same file"),
     ("stages: {dense: {grid: {width: [8, 16]}}, prune: {start: [{width: 48}]}}",
      "stages.prune.start[0].width: 48 is not a width of the dense stage (it has: 8, 16)"),
-    ("stages: {dense: {grid: {width: [8], seed: [0, 1]}}, prune: {start: [{width: 8}]}}",
-     "stages.prune.start[0]: matches 2 dense runs; also give: seed"),
+    ("stages: {dense: {grid: {width: [8], noise: [0.1, 0.2], seed: [0, 1]}}, prune: {start: [{width: 8}]}}",
+     "stages.prune.start[0]: matches 4 dense runs; also give: noise"),
+    ("stages: {dense: {grid: {width: [8], seed: [0, 1]}}, prune: {start: {}, seeds: [0, 2]}}",
+     "stages.prune.seeds: expected seeds the dense stage trains (0, 1), got [0, 2]"),
+    ("stages: {dense: {grid: {width: [8], seed: [0, 1]}}, prune: {start: {}, seeds: [1, 1]}}",
+     "stages.prune.seeds: lists a seed twice"),
+    ("stages: {dense: {grid: {width: [8]}}, prune: {start: {}, recipe: {seed: 1}}}",
+     "stages.prune.recipe.seed: is the dense parent's seed; choose the chains' seeds with the stage's `seeds`"),
+    ("stages: {dense: {grid: {width: [8]}}, distill: {start: {}, grid: {seed: [0, 1]}}}",
+     "stages.distill.grid.seed: is the dense parent's seed"),
+    ("stages: {dense: {grid: {width: [8], seed: [0, 1]}}, prune: {start: [{width: 8, seed: 1}], seeds: [0]}}",
+     "stages.prune.start[0]: seed 1 is not one of the stage's seeds (0)"),
+    ("stages: {dense: {grid: {width: [8], seed: [0, 1]}}, prune: {start: [{width: 8}, {width: 8, seed: 1}]}}",
+     "stages.prune.start[1]: names the same checkpoint as an earlier entry"),
+    ("stages: {dense: {grid: [{width: [8], seed: [0, 1]}, {width: [16]}]}, prune: {start: [{width: 16}], "
+     "seeds: [0, 1]}}", "stages.prune.start[0]: the dense stage trains width=16 with seeds 0 only, not 1"),
+    ("stages: {dense: {grid: {width: [8]}}, prune: {start: {threshold: 0.9}}, "
+     "distill: {start: {threshold: 0.95}, recipe: {teacher: parent}}}",
+     "stages.distill.start.threshold: 0.95 differs from stages.prune.start.threshold (0.9); a study has one"),
+    ("stages: {dense: {recipe: {epochs: 10, save_epochs: [5]}, grid: {width: [8]}}, prune: {start: {epochs: [5, 7]}}}",
+     "stages.prune.start.epochs[1]: epoch 7 is not saved by the dense stage (save_epochs: 5)"),
+    ("stages: {dense: {grid: {width: [8]}}, prune: {start: {epochs: []}}}",
+     "stages.prune.start.epochs: expected a non-empty list"),
+    ("stages: {dense: {recipe: {epochs: 10, save_epochs: [5]}}, prune: {start: {epochs: [5, 5]}}}",
+     "stages.prune.start.epochs: lists an epoch twice"),
+    ("stages: {dense: {recipe: {epochs: 10, save_epochs: [5]}, grid: {width: [8, 16]}}, prune: {start: {epochs: [5]}}}",
+     "stages.prune.start: matches 2 dense runs; also give: width"),
+    ("stages: {dense: {recipe: {epochs: 10, save_epochs: [5]}}, prune: {start: {epochs: [5], select: [at]}}}",
+     "stages.prune.start.select: unknown option"),
     ("stages: {dense: {grid: {width: [8]}}, prune: {start: [{width: 8, epoch: 5}]}}",
      "stages.prune.start[0].epoch: epoch 5 is not saved by the dense stage"),
     ("stages: {dense: {grid: {width: [8]}}, prune: {start: {select: [middle]}}}",
@@ -138,6 +168,28 @@ def test_bad_files_fail_with_one_line(tmp_path, text, expected):
     message = error(tmp_path, text)
     assert message.startswith(str(tmp_path / "study.yaml") + ": ") or message.startswith("study.yaml: ")
     assert expected in message, message
+
+
+def test_chain_seeds_follow_the_dense_seeds(tmp_path):
+    # Without `seeds`, every start runs one chain per dense seed; a start that names a seed runs that one.
+    study = load_study(write(tmp_path, """
+stages:
+  dense:
+    recipe: {epochs: 100, save_epochs: [10, 50, 100]}
+    grid: {width: [8, 64], seed: [0, 1, 2]}
+  prune:
+    start: [{width: 8}, {width: 64, seed: 2, epoch: 50}]
+  distill:
+    start: {epochs: [10, 100], width: 64}
+    seeds: [0, 2]
+    recipe: {teacher: parent}
+"""))
+    prune, distill = study.stages["prune"], study.stages["distill"]
+    assert prune.seeds is None and prune.start == (ExplicitStart({"width": 8}, None, (0, 1, 2)),
+                                                   ExplicitStart({"width": 64, "seed": 2}, 50, (2,)))
+    # Along training time: one start per epoch (the final one too, when saved), each for the stage's seeds.
+    assert distill.seeds == (0, 2)
+    assert distill.start == (ExplicitStart({"width": 64}, 10, (0, 2)), ExplicitStart({"width": 64}, 100, (0, 2)))
 
 
 def test_missing_file(tmp_path):

@@ -18,7 +18,9 @@ from conftest import WAIT_S, run_cli
 from mlflow import MlflowClient
 
 from sdd import cli
+from sdd.config import PruneConfig
 from sdd.errors import UsageError
+from sdd.steps import STEPS
 from sdd.sweep import lineage
 from sdd.sweep import plan as sweep_plan
 from sdd.sweep import run as sweep_run
@@ -40,6 +42,9 @@ stages:
     recipe: {levels: 2, epochs: 20, register: false, device: cpu}
 """
 
+# The Ray tests run one chain seed, as many chains as a seed-0-only planner made: seed 1, so a chain
+# started from dense seed 0 (the smallest seed) or one that kept seed 0 for itself would show.
+ONE_SEED = TINY.replace("  prune:\n", "  prune:\n    seeds: [1]\n")
 
 SDD = [sys.executable, "-m", "sdd"]
 
@@ -86,7 +91,7 @@ def trials_json(uri: str, run_id: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_dense_grid_and_prune_stage_lineage_then_rerun_trains_nothing(ray_local, store, tmp_path, capsys):
-    path = write_study(tmp_path)
+    path = write_study(tmp_path, ONE_SEED)
     assert sdd_main("sweep", str(path), "--storage-path", str(tmp_path / "ray")) == 0
     runs = all_runs(store)
     ids = {r.info.run_id: r for r in runs}
@@ -119,7 +124,7 @@ def test_dense_grid_and_prune_stage_lineage_then_rerun_trains_nothing(ray_local,
     assert (metrics["trials_total"], metrics["trials_finished"], metrics["trials_failed"]) == (4, 4, 0)
     assert metrics["wall_time_s"] > 0
 
-    # Starting checkpoints chosen around the threshold: below (width 8) and at it (width 128), seed 0.
+    # Starting checkpoints chosen around the threshold: below (width 8) and at it (width 128), seed 1.
     assert json.loads(stages["prune"].data.tags["sdd.it_widths"]) == {"all": 128}
     chains = by_step(runs, "prune")
     assert len(chains) == 2
@@ -130,8 +135,9 @@ def test_dense_grid_and_prune_stage_lineage_then_rerun_trains_nothing(ray_local,
         assert chain.data.tags["sdd.dense_run_id"] == dense_parent.info.run_id
         assert chain.data.tags["sdd.stage_run_id"] == stages["prune"].info.run_id
         assert chain.data.tags["sdd.study_run_id"] == study_run.info.run_id
-        roles[chain.data.tags["sdd.start_role"]] = (dense_parent.data.params["width"], dense_parent.data.params["seed"])
-    assert roles == {"below": ("8", "0"), "at": ("128", "0")}
+        roles[chain.data.tags["sdd.start_role"]] = (dense_parent.data.params["width"], dense_parent.data.params["seed"],
+                                                    chain.data.params["seed"])
+    assert roles == {"below": ("8", "1", "1"), "at": ("128", "1", "1")}
     levels = by_step(runs, "level")
     assert len(levels) == 4 and {parent[lv.info.run_id] for lv in levels} == {c.info.run_id for c in chains}
     chain_records = trials_json(store, stages["prune"].info.run_id)
@@ -165,9 +171,16 @@ def test_starting_widths_around_the_threshold(tmp_path):
     results = [sweep_plan.DenseResult(f"{w:04d}{s}".ljust(32, "0"), {"width": w, "seed": s},
                                       {"train_acc_noisy": fits[w] + 0.01 * s}) for w in fits for s in (0, 1)]
     starts, plan = sweep_plan.select_starts(load_study(study_file), "prune", results)
+    # The widths are chosen once, on the mean over seeds; then every seed starts from its own dense run.
     assert [(s.role, s.result.width, s.result.seed) for s in starts] == [
-        ("before", 32, 0), ("below", 96, 0), ("at", 128, 0), ("above", 192, 0), ("after", 512, 0)]
+        (role, width, seed) for role, width in (("before", 32), ("below", 96), ("at", 128), ("above", 192),
+                                                ("after", 512)) for seed in (0, 1)]
+    assert [(s["role"], s["width"], s["seed"]) for s in plan.starts] == \
+        [(s.role, s.result.width, s.result.seed) for s in starts]
     assert json.loads(plan.tags["sdd.it_widths"]) == {"all": 128}
+    picked = write_study(tmp_path, study_file.read_text().replace("  prune:\n", "  prune:\n    seeds: [1]\n"), "one.yaml")
+    starts, _ = sweep_plan.select_starts(load_study(picked), "prune", results)
+    assert [(s.role, s.result.seed) for s in starts] == [(r, 1) for r in ("before", "below", "at", "above", "after")]
     fits[512] = fits[256] = fits[192] = fits[128] = 0.5
     with pytest.raises(UsageError, match=r"no dense width fits the noisy labels to 0.95 \(best: 0.630 at width 96"):
         sweep_plan.select_starts(load_study(study_file), "prune",
@@ -175,15 +188,112 @@ def test_starting_widths_around_the_threshold(tmp_path):
                                   for r in results])
 
 
+def hand_built_dense(widths: tuple[int, ...], seeds: tuple[int, ...], fit: dict[int, float],
+                     save_epochs: tuple[int, ...] = ()) -> list[sweep_plan.DenseResult]:
+    """Finished dense runs as the dense stage's trials.json would give them, run ids naming width and seed."""
+    return [sweep_plan.DenseResult(f"{w:04d}{s}".ljust(32, "0"),
+                                   {"dataset": "mnist1d", "noise": 0.2, "width": w, "seed": s,
+                                    "save_epochs": list(save_epochs)},
+                                   {"train_acc_noisy": fit[w], "val_acc": 0.5}) for w in widths for s in seeds]
+
+
+def plan_of(study_file: Path, stage: str, results: list[sweep_plan.DenseResult], monkeypatch) -> sweep_plan.Plan:
+    # The dense stage's results read from MLflow are replaced by hand-built ones: the planner alone.
+    monkeypatch.setattr(sweep_plan, "dense_results", lambda *args: results)
+    return sweep_plan.plan_chains(lineage.Store("sqlite:///unused", None, None, "sdd"), load_study(study_file), stage,
+                                  "study")
+
+
+def test_every_chain_seed_prunes_the_dense_parent_of_its_seed(tmp_path, monkeypatch):
+    study_file = write_study(tmp_path, TINY.replace("seed: [0, 1]", "seed: [0, 1, 2]"))
+    results = hand_built_dense((8, 128), (0, 1, 2), {8: 0.2, 128: 0.95})
+    plan = plan_of(study_file, "prune", results, monkeypatch)
+    by_run = {r.run_id: r for r in results}
+    assert len(plan.trials) == 6  # below and at, three seeds each
+    for trial in plan.trials:
+        parent = by_run[trial.config["parent"]]
+        assert trial.config["seed"] == parent.seed  # chain seed s prunes the dense run of seed s
+        assert f"seed={parent.seed}" in trial.key and f"width={parent.width}" in trial.key
+    assert sorted((t.tags["sdd.start_role"], t.config["seed"]) for t in plan.trials) == [
+        (role, seed) for role in ("at", "below") for seed in (0, 1, 2)]
+    assert len({t.key for t in plan.trials}) == 6
+    assert sorted(t.key for t in plan.trials)[0] == "at width=128,seed=0"
+
+
+def test_the_study_threshold_reaches_the_chains(tmp_path, monkeypatch):
+    results = hand_built_dense((8, 128), (0, 1), {8: 0.2, 128: 0.95})
+    plan = plan_of(write_study(tmp_path), "prune", results, monkeypatch)
+    assert {t.config["it_threshold"] for t in plan.trials} == {0.9} and plan.tags["sdd.it_threshold"] == "0.9"
+    # A chain recipe that sets its own threshold keeps it.
+    own = write_study(tmp_path, TINY.replace("levels: 2,", "levels: 2, it_threshold: 0.7,"), "own.yaml")
+    assert {t.config["it_threshold"] for t in plan_of(own, "prune", results, monkeypatch).trials} == {0.7}
+
+
+EPOCHWISE = TINY.replace("epochs: 150,", "epochs: 150, save_epochs: [50, 100],").replace(
+    "start: {select: [before, below, at, above, after], threshold: 0.9}", "start: {epochs: [50, 100], width: 128}")
+
+
+def test_epoch_starts_plan_chains_from_saved_epochs(tmp_path, monkeypatch):
+    results = hand_built_dense((8, 128), (0, 1), {8: 0.2, 128: 0.95}, save_epochs=(50, 100))
+    plan = plan_of(write_study(tmp_path, EPOCHWISE), "prune", results, monkeypatch)
+    by_run = {r.run_id: r for r in results}
+    assert sorted((t.config["start_epoch"], t.config["seed"]) for t in plan.trials) == [
+        (e, s) for e in (50, 100) for s in (0, 1)]
+    assert all(by_run[t.config["parent"]].width == 128 and by_run[t.config["parent"]].seed == t.config["seed"]
+               for t in plan.trials)
+    assert "width=128,seed=1,epoch=50" in {t.key for t in plan.trials}
+    assert sorted((s["epoch"], s["seed"]) for s in plan.starts) == [(50, 0), (50, 1), (100, 0), (100, 1)]
+    missing = [r for r in results if (r.width, r.seed) != (128, 1)]
+    with pytest.raises(UsageError, match=r"start \(width=128, epoch 50, seed 1\): the dense stage has no finished"):
+        plan_of(write_study(tmp_path, EPOCHWISE), "prune", missing, monkeypatch)
+    # No start selection: the chains keep their own default threshold, and the study reports that one.
+    assert {t.config["it_threshold"] for t in plan.trials} == {PruneConfig().it_threshold}
+
+
+def test_epoch_start_chains_prune_the_saved_epoch(store, tmp_path, monkeypatch):
+    # End to end without Ray: the planned dense trials and chains run by their step functions.
+    from sdd.chain import run_prune
+    from sdd.dense import run_train
+
+    text = """
+stages:
+  dense:
+    recipe: {dataset: mnist1d, model: mlp, width: 16, train_size: 300, test_size: 100, val_size: 50, epochs: 30,
+             lr: 0.01, eval_every: 10, save_epochs: [10], seed: 1, device: cpu}
+  prune:
+    start: {epochs: [10]}
+    recipe: {levels: 1, epochs: 3, register: false, device: cpu}
+"""
+    study_file = write_study(tmp_path, text, "epochs.yaml")
+    client = MlflowClient(store)
+    results = []
+    for trial in sweep_plan.plan_dense(lineage.Store(store, client, None, "sdd"), load_study(study_file)).trials:
+        run_id = run_train(STEPS["train"].from_flat(trial.config)).run_id
+        results.append(sweep_plan.DenseResult(run_id, trial.config, {}))
+    (trial,) = plan_of(study_file, "prune", results, monkeypatch).trials
+    chain = client.get_run(run_prune(STEPS["prune"].from_flat(trial.config)).run_id)
+    dense_id = chain.data.tags["sdd.dense_run_id"]
+    assert dense_id == results[0].run_id and chain.data.params["start_epoch"] == "10"
+    assert chain.data.params["seed"] == client.get_run(dense_id).data.params["seed"] == "1"
+    # Level 0 measures the weights the chain starts from: the dense run as it was at epoch 10.
+    (start,) = [m.value for m in client.get_metric_history(chain.info.run_id, "test_loss") if m.step == 0]
+    (at_10,) = [m.value for m in client.get_metric_history(dense_id, "test_loss") if m.step == 10]
+    (final,) = [m.value for m in client.get_metric_history(dense_id, "test_loss") if m.step == 30]
+    assert start == pytest.approx(at_10, abs=1e-6) and start != pytest.approx(final, abs=1e-4)
+
+
 def test_best_dense_teacher_is_the_best_val_acc_on_the_chains_data():
     # At 20% noise width 64 has the best val_acc and width 128 the best test_acc; the 10%-noise runs
     # beat both on val_acc but learnt other labels, so they never teach a 20%-noise chain.
-    def dense(name: str, noise: float, width: int, val_acc: float, test_acc: float) -> sweep_plan.DenseResult:
-        return sweep_plan.DenseResult(name * 32, {"dataset": "mnist1d", "noise": noise, "width": width, "seed": 0},
-                                      {"val_acc": val_acc, "test_acc": test_acc})
+    # A seed-1 run (its own noise draw) never teaches a seed-0 chain, unless both name the same noise seed.
+    def dense(name: str, noise: float, width: int, val_acc: float, test_acc: float, seed: int = 0,
+              **data) -> sweep_plan.DenseResult:
+        return sweep_plan.DenseResult(name * 32, {"dataset": "mnist1d", "noise": noise, "width": width, "seed": seed,
+                                                  **data}, {"val_acc": val_acc, "test_acc": test_acc})
 
     results = [dense("a", 0.2, 16, 0.60, 0.58), dense("b", 0.2, 64, 0.80, 0.70), dense("c", 0.2, 128, 0.78, 0.75),
-               dense("d", 0.1, 128, 0.90, 0.88), dense("e", 0.1, 16, 0.70, 0.92)]
+               dense("d", 0.1, 128, 0.90, 0.88), dense("e", 0.1, 16, 0.70, 0.92), dense("f", 0.2, 32, 0.95, 0.9, 1),
+               dense("g", 0.2, 8, 0.5, 0.5, 2, noise_seed=7), dense("h", 0.2, 8, 0.99, 0.9, 3, noise_seed=7)]
 
     def teacher(selector: str, start: sweep_plan.DenseResult) -> str:
         return sweep_plan._teacher_ref(selector, sweep_plan.Start(start, None, "at", ()), results)
@@ -191,6 +301,7 @@ def test_best_dense_teacher_is_the_best_val_acc_on_the_chains_data():
     assert teacher("best_dense", results[0]) == "b" * 32
     assert teacher("best_dense:width=128", results[0]) == "c" * 32  # the options narrow the same-data runs
     assert teacher("best_dense", results[4]) == "d" * 32
+    assert teacher("best_dense", results[5]) == "f" * 32 and teacher("best_dense", results[6]) == "h" * 32
 
 
 def test_relative_data_dir_is_the_sweeps(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def test_train_logs_the_full_record(store, tmp_path):
     assert len(noise["noisy_idx"]) == 80  # exactly round(0.2 * 400) symmetric flips
     # The logged model is the final model: its test accuracy measured again equals the logged one.
     from sdd.problem import load_problem
-    problem = load_problem(cfg.data, torch.device("cpu"))
+    problem = load_problem(cfg.data, torch.device("cpu"), run_seed=cfg.optim.seed)
     acc = (predict(model, problem.splits.x_test).argmax(1) == problem.splits.y_test).float().mean().item()
     assert acc == pytest.approx(run.data.metrics["test_acc"])
 
@@ -175,9 +175,10 @@ def test_experiment_opens_on_the_runs_table_and_runs_log_their_splits(store):
         inputs[result.run_id] = {i.tags[0].value: i.dataset for i in logged}
         assert sorted(inputs[result.run_id]) == ["test", "training", "validation"]
         train = inputs[result.run_id]["training"]
-        assert train.source_type == "code" and '"generator": "mnist1d.data.make_dataset"' in train.source
+        assert train.source_type == "code" and '"generator": "mnist1d.transform, one stream' in train.source
         assert json.loads(train.profile)["num_rows"] == 400
     a, b = inputs[first.run_id], inputs[second.run_id]
+    assert client.get_run(second.run_id).data.tags["sdd.noise_seed"] == "2"  # the seed drawn from
     # Two noise draws of the same data: different training datasets, the same clean evaluation splits.
     assert a["training"].digest != b["training"].digest and a["training"].name != b["training"].name
     assert (a["test"].digest, a["validation"].digest) == (b["test"].digest, b["validation"].digest)

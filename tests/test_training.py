@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -6,7 +7,7 @@ from torch import nn
 
 from sdd.config import OptimConfig
 from sdd.pruning import as_float_masks, full_masks, magnitude_scores, prune_masks
-from sdd.training import Recipe, TrainingDiverged, fit, lr_factor
+from sdd.training import Recipe, TrainingDiverged, converged, fit, lr_factor
 
 
 def _problem(n=64):
@@ -51,7 +52,7 @@ def test_fit_calls_hooks_and_counts_steps():
     x, y = _problem(64)
     steps, epochs = [], []
     n = fit(_model(), x, y, Recipe.from_optim(OptimConfig(epochs=3, batch_size=20)),
-            on_step=steps.append, on_epoch=lambda e, loss: epochs.append(e))
+            on_step=steps.append, on_epoch=lambda e, loss: epochs.append(e)).steps
     assert n == 12 and steps == list(range(1, 13)) and epochs == [1, 2, 3]
 
 
@@ -73,3 +74,39 @@ def test_recipe_stretches_milestones_to_a_shorter_phase():
     optim = OptimConfig(optimizer="sgd", lr=0.1, schedule="multistep", milestones=(80, 120), epochs=160)
     assert Recipe.from_optim(optim, epochs=40).milestones() == (20, 30)
     assert math.isclose(Recipe.from_optim(optim).final_lr(), 0.001)
+
+
+def test_fit_records_the_mean_loss_of_every_epoch_across_a_resume():
+    x, y = _problem(64)
+    seen: list[tuple[float, int]] = []
+
+    def loss_fn(logits, targets, _x, _idx):
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        seen.append((loss.item(), len(targets)))
+        return loss
+
+    recipe = Recipe.from_optim(OptimConfig(epochs=4, batch_size=20))  # batches of 20, 20, 20 and 4
+    states = []
+    result = fit(_model(), x, y, recipe, loss_fn=loss_fn, generator=torch.Generator().manual_seed(0),
+                 snapshot=lambda state: states.append(copy.deepcopy(state)), snapshot_epochs=2)
+    batches = [seen[i:i + 4] for i in range(0, 16, 4)]
+    expected = [sum(v * n for v, n in epoch) / 64 for epoch in batches]  # weighted by batch size
+    assert result.epoch_losses == pytest.approx(expected, rel=1e-6)
+    # A run continued from its epoch-2 state reports all four epochs, the first two from the state.
+    (state,) = states
+    resumed = fit(_model(), x, y, recipe, generator=torch.Generator(), resume=state)
+    assert resumed.epoch_losses == pytest.approx(result.epoch_losses, rel=1e-6)
+
+
+def test_converged_when_the_loss_plateaus_over_the_last_tenth():
+    falling = [math.exp(-0.01 * e) for e in range(100)]  # still -0.8%/epoch at the end
+    plateau = [1.0 + math.exp(-0.2 * e) for e in range(100)]
+    assert not converged(falling, train_acc=0.9)
+    assert converged(plateau, train_acc=0.9)
+    # A loss still falling is accepted once the labels trained on are interpolated.
+    assert converged(falling, train_acc=0.9995)
+    # Minibatch noise around a plateau is smoothed over, not read as a 10% change between two epochs.
+    noisy = [1.0 + 0.05 * (-1) ** e for e in range(100)]
+    assert converged(noisy, train_acc=0.5)
+    # No loss history (or one epoch): only the accuracy can tell.
+    assert not converged([], train_acc=0.5) and converged([0.3], train_acc=1.0)

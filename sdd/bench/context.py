@@ -121,4 +121,5 @@ def make_context(size: Size | str, device: Any, workers: int, workdir: Path) -> 
 
     size = SIZES[size] if isinstance(size, str) else size
     preset, recipe = _preset(size, device.type)
-    return Context(size, device, workers, preset, recipe, load_problem(preset.data, device), Stores(workdir), workdir)
+    problem = load_problem(preset.data, device, run_seed=preset.optim.seed)
+    return Context(size, device, workers, preset, recipe, problem, Stores(workdir), workdir)

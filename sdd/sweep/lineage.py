@@ -157,8 +157,10 @@ def _open_run(store: Store, spec: Any, project: _ProjectRun, what: str) -> Any:
 def open_study_run(store: Store, study: StudyFile, project: _ProjectRun) -> str:
     from sdd.lifecycle import RunSpec
 
+    # sdd.it_threshold: the one threshold that selected the starts and labels the chains, for `sdd analyze`.
     tags = {"sdd.step": "study", "sdd.study_file": study.display_path, "sdd.config_hash": study.content_hash,
-            "sdd.study_name": study.name, "sdd.stages": ",".join(study.stage_names())}
+            "sdd.study_name": study.name, "sdd.stages": ",".join(study.stage_names()),
+            "sdd.it_threshold": f"{study.it_threshold:g}"}
     lease = _open_run(store, RunSpec("study", study.content_hash, study.name, tags,
                                      match_tags={"sdd.study_file": study.display_path}), project,
                       f"study {study.name} run")

@@ -183,27 +183,30 @@ def select_starts(study: StudyFile, stage: str, results: list[DenseResult]) -> t
     if isinstance(spec.start, AutoStart):
         it_widths = {}
         for key, members in groups.items():
-            chosen, it = _auto_group(spec.start, stage, key, members, plan)
+            chosen, it = _auto_group(spec.start, spec.seeds, stage, key, members, plan)
             it_widths[_group_label(key)] = it
             starts.extend(chosen)
         plan.tags["sdd.it_widths"] = json.dumps(it_widths)
         plan.tags["sdd.it_threshold"] = f"{spec.start.threshold:g}"
     else:
-        for i, ref in enumerate(spec.start):
-            matches = [r for r in results
-                       if all(show_value(r.config[k]) == show_value(v) for k, v in ref.match.items())]
-            if len(matches) != 1:
-                why = "no finished run" if not matches else f"{len(matches)} runs"
-                raise UsageError(f"{study.display_path}: stages.{stage}.start[{i}] ({ref.label()}): the dense stage "
-                                 f"has {why} with these settings")
-            starts.append(Start(matches[0], ref.epoch, None, _group_key(dense, matches[0].config)))
+        for ref in spec.start:
+            for seed in ref.seeds:
+                matches = [r for r in results if r.seed == seed and
+                           all(show_value(r.config[k]) == show_value(v) for k, v in ref.match.items())]
+                if len(matches) != 1:
+                    why = "no finished run" if not matches else f"{len(matches)} runs"
+                    named = ", ".join(filter(None, (ref.label(), f"epoch {ref.epoch}" if ref.epoch is not None
+                                                    else "", f"seed {seed}")))
+                    raise UsageError(f"{study.display_path}: stages.{stage}.start ({named}): the dense stage has "
+                                     f"{why} with these settings")
+                starts.append(Start(matches[0], ref.epoch, None, _group_key(dense, matches[0].config)))
     plan.starts = [{"role": s.role, "group": _group_label(s.group), "width": s.result.width,
                     "seed": s.result.seed, "epoch": s.epoch, "dense_run_id": s.result.run_id} for s in starts]
     return starts, plan
 
 
-def _auto_group(auto: AutoStart, stage: str, key: tuple[tuple[str, str], ...], members: list[DenseResult],
-                plan: Plan) -> tuple[list[Start], float]:
+def _auto_group(auto: AutoStart, chain_seeds: tuple[int, ...] | None, stage: str, key: tuple[tuple[str, str], ...],
+                members: list[DenseResult], plan: Plan) -> tuple[list[Start], float]:
     from sdd.phases import width_threshold
 
     label = _group_label(key)
@@ -235,12 +238,12 @@ def _auto_group(auto: AutoStart, stage: str, key: tuple[tuple[str, str], ...], m
         elif role in auto.roles:
             plan.notes.append(f"{label}: no width left for '{role}' (threshold {it}, widths "
                               f"{', '.join(map(str, widths))}); skipped")
-    seeds = auto.seeds or (min(r.seed for r in members),)
     starts = []
     for role in auto.roles:
         if role not in roles:
             continue
-        for seed in seeds:
+        # The threshold is placed on the mean over seeds; each seed then starts its own replicate chain.
+        for seed in chain_seeds or sorted({r.seed for r in members if r.width == roles[role]}):
             match = [r for r in members if r.width == roles[role] and r.seed == seed]
             if not match:
                 raise UsageError(f"{stage} stage ({label}): the dense run of width {roles[role]}, seed {seed} did "
@@ -255,13 +258,17 @@ def _auto_group(auto: AutoStart, stage: str, key: tuple[tuple[str, str], ...], m
 # --- chains -------------------------------------------------------------------------------------
 
 def plan_chains(store: Store, study: StudyFile, stage: str, study_run_id: str | None) -> Plan:
-    """Chains of a prune or distill stage: starting checkpoints x grid points (x teachers)."""
+    """Chains of a prune or distill stage: starting checkpoints x seeds x grid points (x teachers).
+
+    Each chain takes its dense parent's seed, and the study's threshold unless its recipe sets one.
+    """
     results = dense_results(store, study, study_run_id, stage)
     starts, plan = select_starts(study, stage, results)
     spec, dense, step = study.stages[stage], study.stages["dense"], STEP_OF_STAGE[stage]
     for start in starts:
         for label, point in spec.points():
-            values = {**point, "parent": start.result.run_id, "start_epoch": start.epoch}
+            values = {"it_threshold": study.it_threshold, **point, "parent": start.result.run_id,
+                      "start_epoch": start.epoch, "seed": start.result.seed}
             teacher_run = None
             if stage == "distill":
                 values["teacher"] = _teacher_ref(point["teacher"], start, results)
@@ -291,22 +298,28 @@ _DATA_FIELDS = tuple(config.flat_fields(config.DataConfig))
 
 
 def _data_key(r: DenseResult) -> tuple[str, ...]:
-    """Dense runs trained on the same data (dataset, noise, ...): the teachers a chain may use."""
-    return tuple(show_value(r.config.get(k)) for k in _DATA_FIELDS if k != "data_dir")
+    """Dense runs trained on the same data (dataset, noise and its draw, ...): the teachers a chain may use.
+
+    A teacher trained on another noise draw would know the clean labels of the student's noisy samples.
+    """
+    drawn = config.DataConfig(noise_seed=r.config.get("noise_seed")).effective_noise_seed(r.seed)
+    return tuple(show_value(drawn if k == "noise_seed" else r.config.get(k)) for k in _DATA_FIELDS if k != "data_dir")
 
 
 # --- covered trials -----------------------------------------------------------------------------
 
 def finished_run(store: Store, trial: Trial) -> str | None:
-    """The FINISHED run that already covers this trial, by the config hash its step would compute."""
+    """The FINISHED run that already covers this trial, by the config hash its step would compute and,
+    for a chain, its depth: a finished chain with fewer levels than the trial asks for is launched
+    (the step continues it)."""
     from sdd import tracking
 
     if store.exp_id is None:
         return None
     step = STEPS[trial.step]
-    config_hash = step.config_hash(step.from_flat(trial.config), trial.teacher_run)
-    run = tracking.find_finished(store.client, store.exp_id, step.tag, config_hash)
-    return run.info.run_id if run else None
+    cfg = step.from_flat(trial.config)
+    run = tracking.find_finished(store.client, store.exp_id, step.tag, step.config_hash(cfg, trial.teacher_run))
+    return run.info.run_id if run and step.covers(cfg, run) else None
 
 
 def covered_trials(store: Store, plan: Plan) -> dict[str, str]:

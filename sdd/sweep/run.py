@@ -226,22 +226,14 @@ def dry_run(path: str | Path, *, stage: str | None = None) -> list[str]:
 def _start_summary(stage: Stage) -> str:
     points = len(stage.points())
     if isinstance(stage.start, AutoStart):
-        seeds = f"seeds {', '.join(map(str, stage.start.seeds))}" if stage.start.seeds else "the first seed"
-        return (f"{points} chain(s) from each of the widths {', '.join(stage.start.roles)} the interpolation "
-                f"threshold it finds ({seeds}, per group of dense runs), chosen once it has run")
-    return f"{len(stage.start)} named checkpoint(s) x {points} grid point(s) = {len(stage.start) * points} chain(s)"
+        seeds = f"seeds {', '.join(map(str, stage.seeds))}" if stage.seeds else "every dense seed"
+        return (f"{points} chain(s) per seed from each of the widths {', '.join(stage.start.roles)} the "
+                f"interpolation threshold it finds ({seeds}, per group of dense runs), chosen once it has run")
+    starts = sum(len(s.seeds) for s in stage.start)
+    return f"{starts} named checkpoint(s) and seed(s) x {points} grid point(s) = {starts * points} chain(s)"
 
 
 # --- studies ------------------------------------------------------------------------------------
-
-def it_threshold(study: StudyFile) -> float:
-    """The noisy-fit threshold the study selected starting widths with, so the report's interpolation
-    threshold is the one the chains were chosen around (0.99, the analysis default, otherwise)."""
-    for stage in study.stages.values():
-        if isinstance(stage.start, AutoStart):
-            return stage.start.threshold
-    return 0.99
-
 
 def run_study(path: str | Path, *, address: str | None = None, storage_path: str | None = None,
               out_dir: Path | None = None) -> StudyResult:
@@ -255,7 +247,7 @@ def run_study(path: str | Path, *, address: str | None = None, storage_path: str
     study_run = client.get_run(outcome.study_run_id)
     log.info("analysis of study run %s", outcome.study_run_id)
     report = analyze_study(client, outcome.study_run_id, out_dir or default_out_dir(study_run),
-                           it_threshold=it_threshold(outcome.study))
+                           it_threshold=outcome.study.it_threshold)
     seconds = time.monotonic() - started
     client.log_metric(outcome.study_run_id, "wall_time_s", seconds)
     return StudyResult(outcome, report, seconds)

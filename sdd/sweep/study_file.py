@@ -15,9 +15,10 @@ stages:
     recipe: {dataset: mnist1d, model: mlp, epochs: 2000}   # any `sdd train` option, shared by all points
     grid: {width: [8, 16, 32], seed: [0, 1]}               # any `sdd train` option, one axis per key
     resources: {cpu: 1, gpu: 0}
-  prune:                       # one chain per starting checkpoint x grid point
+  prune:                       # one chain per starting checkpoint x chain seed x grid point
     start: {select: [before, below, at, above, after]}     # or a list of {width:, noise:, seed:, epoch:}
-    recipe: {levels: 20, epochs: 500}                      # any `sdd prune` option but parent, start_epoch
+    seeds: [0, 1]                                          # optional; default: every seed of the dense stage
+    recipe: {levels: 20, epochs: 500}                      # any `sdd prune` option but parent, start_epoch, seed
     grid: {retrain: [lr_rewind, finetune]}
   distill:                     # as prune, plus the `sdd distill` options teacher, alpha, temperature
     start: {select: [at]}
@@ -29,11 +30,20 @@ product (e.g. a ResNet-18 teacher and a VGG-like student in one dense stage).
 
 `start: {select: [...]}` picks, per group of dense runs that differ only in width and seed (e.g. per
 noise level), widths around the interpolation threshold (IT: the smallest width whose noisy-subset
-train accuracy, mean over seeds, reaches `threshold`, default 0.99): `below`, `at` and `above` it, and
-the controls `before` (largest width <= IT / control_factor) and `after` (smallest width >= IT *
-control_factor; control_factor defaults to 4). `seeds` (default: the smallest dense seed) and `epoch`
-(default: final weights; else one of the dense stage's save_epochs) say which checkpoints. A list
-instead names checkpoints by dense options: `[{width: 64, noise: 0.2, seed: 0, epoch: 500}]`.
+train accuracy, mean over seeds, reaches `threshold`, default PruneConfig's it_threshold): `below`,
+`at` and `above` it, and the controls `before` (largest width <= IT / control_factor) and `after`
+(smallest width >= IT * control_factor; control_factor defaults to 4). `epoch` (default: final
+weights; else one of the dense stage's save_epochs) says which checkpoint. The threshold is also the
+chains' `it_threshold` (their IT level and phases) unless their recipe or grid sets one: one
+threshold for the whole study (stages that select starts must agree on it).
+A list instead names checkpoints by dense options: `[{width: 64, noise: 0.2, seed: 0, epoch: 500}]`.
+`start: {epochs: [100, 500], width: 64}` starts chains from those save_epochs checkpoints of the dense
+run with these options: "the IT in epochs" (epoch-wise double descent) rather than in width.
+
+Seeds: the chain stage's `seeds` (default: every seed the dense stage trained) are its chains' seeds,
+and chain seed s prunes the dense parent of seed s, so each seed is one independent replicate of the
+whole dense-then-prune pipeline; a start that names a `seed` runs that seed only. `seed` is therefore
+not a chain option in `recipe` or `grid`.
 
 Teachers (distill): `best_dense` (of the study's dense runs trained on the same data as the chain's
 start, e.g. the same noise level, the one with the best val_acc), `best_dense:model=resnet18` (the same,
@@ -75,7 +85,11 @@ STAGES = tuple(STEP_OF_STAGE)  # the stage names the step table runs
 ROLES = ("before", "below", "at", "above", "after")
 BEST_DENSE, PARENT = "best_dense", "parent"
 # Set from the starting checkpoint, never by the file.
-CHAIN_RESERVED = ("parent", "start_epoch")
+CHAIN_RESERVED = ("parent", "start_epoch", "seed")
+_RESERVED_WHY = {"seed": "is the dense parent's seed; choose the chains' seeds with the stage's `seeds`"}
+_START_WHY = "is set by the starting checkpoint; name checkpoints under `start` instead"
+# The chains' own default, so a study that sets no threshold labels and selects with the same one.
+DEFAULT_THRESHOLD = config.PruneConfig().it_threshold
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _PLACEHOLDER_RUN = "0" * 32
 _REFERENCES = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a run id"
@@ -112,18 +126,19 @@ class AutoStart:
     """Starting checkpoints chosen from the dense stage's results, around its interpolation threshold."""
 
     roles: tuple[str, ...] = ROLES
-    threshold: float = 0.99
+    threshold: float = DEFAULT_THRESHOLD
     control_factor: float = 4.0
-    seeds: tuple[int, ...] | None = None  # None: the smallest seed of the dense stage
     epoch: int | None = None  # None: the dense runs' final weights
 
 
 @dataclass(frozen=True)
 class ExplicitStart:
-    """One starting checkpoint, named by dense-stage options (width, noise, seed, ...) and an epoch."""
+    """One starting checkpoint, named by dense-stage options (width, noise, ...) and an epoch, for each of
+    `seeds`: the named seed, else the chain stage's seeds."""
 
     match: dict[str, Any]
-    epoch: int | None = None
+    epoch: int | None
+    seeds: tuple[int, ...]
 
     def label(self) -> str:
         return ",".join(f"{k}={show_value(v)}" for k, v in self.match.items())
@@ -141,13 +156,15 @@ class TeacherSelector:
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: shared `recipe` values, `grids` (their union of products), resources; chains: `start`."""
+    """One stage: shared `recipe` values, `grids` (their union of products), resources; chains: `start`
+    and `seeds` (None: every seed the dense stage trained at the chosen start)."""
 
     kind: str
     recipe: dict[str, Any]
     grids: tuple[dict[str, tuple[Any, ...]], ...]
     resources: Resources = Resources()
     start: AutoStart | tuple[ExplicitStart, ...] | None = None
+    seeds: tuple[int, ...] | None = None
 
     @property
     def axes(self) -> list[str]:
@@ -189,6 +206,19 @@ class StudyFile:
 
     def stage_names(self) -> list[str]:
         return [s for s in STAGES if s in self.stages]
+
+    @property
+    def it_threshold(self) -> float:
+        """The study's one interpolation threshold: its start selection's (the stages agree on it), else
+        the first chain's own it_threshold, else the chains' default."""
+        chains = [self.stages[s] for s in STAGES[1:] if s in self.stages]
+        for stage in chains:
+            if isinstance(stage.start, AutoStart):
+                return stage.start.threshold
+        for stage in chains:
+            for _, point in stage.points():
+                return float(point.get("it_threshold", DEFAULT_THRESHOLD))
+        return DEFAULT_THRESHOLD
 
 
 def show_value(value: Any) -> str:
@@ -321,7 +351,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, defer_build=True)
     _noun: ClassVar[str] = "key"
     _what: ClassVar[str] = ""  # what a non-mapping is told is expected; default: the keys
-    _reserved: ClassVar[tuple[str, ...]] = ()
+    _reserved: ClassVar[tuple[str, ...]] = ()  # keys the file may not set (_RESERVED_WHY, else _START_WHY)
 
     @model_validator(mode="before")
     @classmethod
@@ -331,7 +361,7 @@ class _Model(BaseModel):
             raise _fail(f"expected {cls._what or 'a mapping with keys ' + ', '.join(accepted)}, got {_kind(data)}")
         for key in data:
             if key in cls._reserved:
-                raise _fail("is set by the starting checkpoint; name checkpoints under `start` instead", key)
+                raise _fail(_RESERVED_WHY.get(key, _START_WHY), key)
             if key not in accepted:
                 close = difflib.get_close_matches(str(key), accepted, n=1) if cls._noun == "option" else []
                 hint = f" (did you mean {close[0]}?)" if close else ""
@@ -365,6 +395,15 @@ class _Start(_Options):  # an explicit starting checkpoint: epoch and the dense 
     epoch: Annotated[int, Field(ge=0)] | None = None
 
 
+_Seeds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1),
+                   _must(lambda v: len(set(v)) == len(v), "lists a seed twice")]
+
+
+class _EpochStart(_Options):  # checkpoints along training time of one dense run (dense options added by _options)
+    epochs: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1),
+                      _must(lambda v: len(set(v)) == len(v), "lists an epoch twice")]
+
+
 def _option_type(f: Any, tp: Any) -> Any:
     """The field's type, strict; text is read as the command line reads it (YAML reads 1e-4 as text)."""
     optional, inner = config.is_optional(tp)
@@ -390,14 +429,16 @@ _AXIS = _must(lambda v: isinstance(v, list) and v, "expected a non-empty list of
 
 
 def _options(name: str, base: type[_Options], kind: str, *, axis: bool) -> Any:
+    """The model of a step's options, less the keys `base` reserves or defines itself (`epochs` of a start)."""
     fields = {}
     for option, (f, tp) in config.flat_fields(STEP_OF_STAGE[kind].config_class).items():
+        if option in base._reserved or option in base.model_fields:
+            continue
         value = _option_type(f, tp)
         if axis:
             value = Annotated[list[value], _AXIS, _must(lambda v: len(set(map(show_value, v))) == len(v),
                                                           "lists a value twice")]
-        if option not in CHAIN_RESERVED:
-            fields[option] = (value, None)
+        fields[option] = (value, None)
     with warnings.catch_warnings():  # PruneConfig.register shadows ABCMeta.register: harmless
         warnings.filterwarnings("ignore", message='Field name "register"')
         return create_model(name, __base__=base, **fields)
@@ -434,9 +475,8 @@ class _Auto(_Model):
         lambda v: isinstance(v, list) and v and all(r in ROLES for r in v),
         f"expected a non-empty list of: {', '.join(ROLES)}, got {{value!r}}", before=True,
         then=lambda v: tuple(dict.fromkeys(v)))] = ROLES
-    threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.99
+    threshold: Annotated[float, Field(gt=0.0, le=1.0)] = DEFAULT_THRESHOLD
     control_factor: Annotated[float, Field(gt=1.0)] = 4.0
-    seeds: Annotated[list[int], Field(min_length=1)] | None = None
     epoch: Annotated[int, Field(ge=0)] | None = None
 
 
@@ -470,8 +510,21 @@ def _stage_model(kind: str) -> Any:
         "grid": (Optional[_one_or_list(grid, grid)], None),
         "resources": (Optional[Annotated[_one_or_list(_Rule, _Rule), AfterValidator(_resources)]], None)}
     if kind != "dense":
-        fields["start"] = (Optional[_one_or_list(_Auto, _options("_Explicit", _Start, "dense", axis=False))], None)
+        fields["start"] = (Optional[_start_type()], None)
+        fields["seeds"] = (Optional[_Seeds], None)
     return create_model(f"_{name}", __base__=_Stage, **fields)
+
+
+def _start_type() -> Any:
+    """`start`: a list of checkpoints, `{epochs: [...], ...}` (along training time) or `{select: ...}`."""
+    def which(value: Any) -> str:
+        if isinstance(value, list):
+            return "<list>"
+        return "<epochs>" if isinstance(value, dict) and "epochs" in value else "<mapping>"
+    explicit = _options("_Explicit", _Start, "dense", axis=False)
+    return Annotated[Union[Annotated[_Auto, Tag("<mapping>")],
+                           Annotated[_options("_Epochs", _EpochStart, "dense", axis=False), Tag("<epochs>")],
+                           Annotated[list[explicit], Field(min_length=1), Tag("<list>")]], Discriminator(which)]
 
 
 _Dense, _Prune, _Distill = (_stage_model(kind) for kind in STAGES)
@@ -494,12 +547,22 @@ class _Stages(_Model):
             raw, at = getattr(self, kind), f"{kind}.start"
             stage = raw.stage(kind)
             dense = self._built.setdefault("dense", stage)
+            if kind != "dense" and 0 in dense.values("val_size", config.DataConfig().val_size):
+                raise _fail("the dense runs have val_size 0: a chain selects its levels by val_acc, never by "
+                            "test accuracy; give the dense stage val_size > 0", kind)
             if kind != "dense" and raw.start is None:
                 raise _fail(f"missing; give {{select: [{', '.join(ROLES)}]}} or a list of "
                             "{width:, noise:, seed:, epoch:} naming dense checkpoints", at)
             if kind != "dense":
-                stage = replace(stage, start=_auto_start(raw.start, at, dense) if isinstance(raw.start, _Auto)
-                                else _explicit_starts(raw.start, at, dense))
+                seeds = _chain_seeds(raw.seeds, f"{kind}.seeds", dense)
+                if isinstance(raw.start, _Auto):
+                    start: Any = _auto_start(raw.start, at, dense)
+                    _same_threshold(start, kind, self._built)
+                elif isinstance(raw.start, _EpochStart):
+                    start = _epoch_starts(raw.start, at, dense, seeds)
+                else:
+                    start = _explicit_starts(raw.start, at, dense, seeds)
+                stage = replace(stage, start=start, seeds=seeds)
             _check_points(stage, dense)
             for width in dense.values("width", config.ModelConfig().width):
                 if stage.resources.for_width(int(width)) is None:
@@ -542,41 +605,89 @@ def _teacher(value: str | None, at: str, dense: Stage) -> None:
         raise _fail(f"teacher {value!r}: accepted: {_TEACHERS}", at)
 
 
+def _chain_seeds(seeds: list[int] | None, at: str, dense: Stage) -> tuple[int, ...] | None:
+    """The chain stage's seeds, each one the dense stage trained (None: all of them)."""
+    trained = dense.values("seed", config.OptimConfig().seed)
+    if seeds is not None and any(s not in trained for s in seeds):
+        raise _fail(f"expected seeds the dense stage trains ({', '.join(map(str, trained))}), got {seeds!r}", at)
+    return None if seeds is None else tuple(seeds)
+
+
 def _auto_start(start: _Auto, at: str, dense: Stage) -> AutoStart:
-    seeds = dense.values("seed", config.OptimConfig().seed)
-    if start.seeds is not None and any(s not in seeds for s in start.seeds):
-        raise _fail(f"expected a non-empty list of dense seeds ({', '.join(map(str, seeds))}), got {start.seeds!r}",
-                    f"{at}.seeds")
     if start.epoch is not None:
         _saved(start.epoch, [p for _, p in dense.points()], f"{at}.epoch")
-    return AutoStart(start.select, start.threshold, start.control_factor,
-                     None if start.seeds is None else tuple(start.seeds), start.epoch)
+    return AutoStart(start.select, start.threshold, start.control_factor, start.epoch)
 
 
-def _explicit_starts(items: list[Any], at: str, dense: Stage) -> tuple[ExplicitStart, ...]:
+def _same_threshold(start: AutoStart, kind: str, built: dict[str, Stage]) -> None:
+    for other, stage in built.items():
+        if isinstance(stage.start, AutoStart) and stage.start.threshold != start.threshold:
+            raise _fail(f"{start.threshold:g} differs from stages.{other}.start.threshold ({stage.start.threshold:g}); "
+                        "a study has one interpolation threshold", f"{kind}.start.threshold")
+
+
+def _explicit_starts(items: list[Any], at: str, dense: Stage,
+                     seeds: tuple[int, ...] | None) -> tuple[ExplicitStart, ...]:
     starts: list[ExplicitStart] = []
-    points = [{**_defaults(), **p} for _, p in dense.points()]
+    named: set[tuple[Any, ...]] = set()  # (dense point, epoch, seed): entries may spell one point differently
     for key, item in ((f"{at}[{i}]", item) for i, item in enumerate(items)):
-        start = ExplicitStart({k: v for k, v in item.given().items() if k != "epoch"}, item.epoch)
-        if not start.match:
-            raise _fail(f"expected {_CHECKPOINT}", key)
-        for name, value in start.match.items():
-            options = dense.values(name, _TRAIN_FIELDS[name][0].default)
-            if show_value(value) not in map(show_value, options):
-                raise _fail(f"{show_value(value)} is not a {name} of the dense stage (it has: "
-                            f"{', '.join(map(show_value, options))})", f"{key}.{name}")
-        matches = [p for p in points if all(show_value(p[k]) == show_value(v) for k, v in start.match.items())]
-        if not matches:
-            raise _fail(f"no dense grid point has {start.label()}", key)
-        if len(matches) > 1:
-            differ = [a for a in dense.axes if len({show_value(p[a]) for p in matches}) > 1]
-            raise _fail(f"matches {len(matches)} dense runs; also give: {', '.join(differ)}", key)
-        if start.epoch is not None:
-            _saved(start.epoch, matches, f"{key}.epoch")
-        if start in starts:
+        options = {k: v for k, v in item.given().items() if k != "epoch"}
+        start = _checkpoint(options, item.epoch, key, dense, seeds)
+        point = _point_of(start.match, dense)
+        checkpoints = {(point, start.epoch, seed) for seed in start.seeds}
+        if checkpoints & named:
             raise _fail("names the same checkpoint as an earlier entry", key)
+        named |= checkpoints
         starts.append(start)
     return tuple(starts)
+
+
+def _point_of(match: dict[str, Any], dense: Stage) -> tuple[str, ...]:
+    """The dense grid point (seed aside) that `match` names, as its axis values."""
+    point = next({**_defaults(), **p} for _, p in dense.points()
+                 if all(show_value({**_defaults(), **p}[k]) == show_value(v) for k, v in match.items()))
+    return tuple(show_value(point[a]) for a in dense.axes if a != "seed")
+
+
+def _epoch_starts(item: Any, at: str, dense: Stage, seeds: tuple[int, ...] | None) -> tuple[ExplicitStart, ...]:
+    # No options: the dense stage's only configuration (its seeds aside).
+    options = {k: v for k, v in item.given().items() if k != "epochs"}
+    return tuple(_checkpoint(options, epoch, at, dense, seeds, f"{at}.epochs[{i}]")
+                 for i, epoch in enumerate(item.epochs))
+
+
+def _checkpoint(match: dict[str, Any], epoch: int | None, key: str, dense: Stage, seeds: tuple[int, ...] | None,
+                epoch_at: str | None = None) -> ExplicitStart:
+    """The start named by these dense options (one dense grid point but for its seed), at `epoch`."""
+    if not match and epoch_at is None:
+        raise _fail(f"expected {_CHECKPOINT}", key)
+    for name, value in match.items():
+        options = dense.values(name, _TRAIN_FIELDS[name][0].default)
+        if show_value(value) not in map(show_value, options):
+            raise _fail(f"{show_value(value)} is not a {name} of the dense stage (it has: "
+                        f"{', '.join(map(show_value, options))})", f"{key}.{name}")
+    label = ",".join(f"{k}={show_value(v)}" for k, v in match.items()) or "(no options)"
+    matches = [p for p in (({**_defaults(), **p} for _, p in dense.points()))
+               if all(show_value(p[k]) == show_value(v) for k, v in match.items())]
+    if not matches:
+        raise _fail(f"no dense grid point has {label}", key)
+    differ = [a for a in dense.axes if a != "seed" and len({show_value(p[a]) for p in matches}) > 1]
+    if differ:
+        raise _fail(f"matches {len(matches)} dense runs; also give: {', '.join(differ)}", key)
+    trained = sorted({int(p["seed"]) for p in matches})
+    if "seed" in match:
+        chosen = (int(match["seed"]),)
+        if seeds is not None and chosen[0] not in seeds:
+            raise _fail(f"seed {chosen[0]} is not one of the stage's seeds ({', '.join(map(str, seeds))})", key)
+    else:
+        chosen = seeds or tuple(trained)
+        missing = [s for s in chosen if s not in trained]
+        if missing:
+            raise _fail(f"the dense stage trains {label} with seeds {', '.join(map(str, trained))} only, not "
+                        f"{', '.join(map(str, missing))}", key)
+    if epoch is not None:
+        _saved(epoch, matches, epoch_at or f"{key}.epoch")
+    return ExplicitStart(match, epoch, chosen)
 
 
 def _saved(epoch: int, points: list[dict[str, Any]], at: str) -> None:
