@@ -369,6 +369,8 @@ def entropy_figure(a: Analysis, path: Path) -> Path:
 # --- vanilla vs distilled -------------------------------------------------------------------------
 
 DISTILL_ROWS = (("test_acc", "test accuracy"), ("train_acc_noisy", "train accuracy, noisy-label subset"))
+VANILLA_COLOR = "C3"
+DISTILL_COLORS = ("C0", "C2", "C4", "C1", "C5", "C6")
 
 
 def _distill_starts(a: Analysis) -> list[tuple[tuple, list]]:
@@ -398,19 +400,21 @@ def distill_figure(a: Analysis, path: Path) -> Path:
     for col, ((family, noise, width, epoch), verdicts) in enumerate(starts):
         seeds = max(len(v.key["chain_run_ids"]) for v in verdicts)
         densities: list[float] = []
+        # each vanilla group once, in the vanilla colour; each distilled setting in a colour of its own
+        curves = {tuple(v.key["vanilla_chain_run_ids"]): ("vanilla", "-", VANILLA_COLOR, v.n_test) for v in verdicts}
         for i, v in enumerate(verdicts):
-            for ids, name, ls in ((v.key["vanilla_chain_run_ids"], "vanilla", "-"),
-                                  (v.key["chain_run_ids"], "distilled", "--")):
-                members = a.chains[a.chains["chain_run_id"].isin(ids)]
-                h = group_curves(a, members, v.n_test)
-                setting = members["setting"].iloc[0] if len(members) else "?"
-                densities += h["density"].tolist()
-                for row, (metric, _label) in enumerate(DISTILL_ROWS):
-                    ax = axes[row, col]
-                    ax.plot(h["density"], h[f"{metric}_mean"], color=f"C{i}", ls=ls, marker=".", ms=4,
-                            label=f"{name}: {setting} ({len(ids)} seed{'s' if len(ids) != 1 else ''})")
-                    ax.fill_between(h["density"], h[f"{metric}_lo"], h[f"{metric}_hi"], color=f"C{i}", alpha=0.15,
-                                    lw=0)
+            curves[tuple(v.key["chain_run_ids"])] = ("distilled", "--", DISTILL_COLORS[i % len(DISTILL_COLORS)],
+                                                     v.n_test)
+        for ids, (name, ls, color, n_test) in curves.items():
+            members = a.chains[a.chains["chain_run_id"].isin(ids)]
+            h = group_curves(a, members, n_test)
+            setting = members["setting"].iloc[0] if len(members) else "?"
+            densities += h["density"].tolist()
+            for row, (metric, _label) in enumerate(DISTILL_ROWS):
+                ax = axes[row, col]
+                ax.plot(h["density"], h[f"{metric}_mean"], color=color, ls=ls, marker=".", ms=4,
+                        label=f"{name}: {setting} ({len(ids)} seed{'s' if len(ids) != 1 else ''})")
+                ax.fill_between(h["density"], h[f"{metric}_lo"], h[f"{metric}_hi"], color=color, alpha=0.15, lw=0)
         for row, (_metric, label) in enumerate(DISTILL_ROWS):
             ax = axes[row, col]
             _sparsity_axis(ax, densities)

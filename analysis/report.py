@@ -115,8 +115,9 @@ def _verdict_rows(a: Analysis) -> pd.DataFrame:
 
 def summary_table(a: Analysis) -> pd.DataFrame:
     """summary.csv: one row per family x noise (kind=dd, with its DD verdict), per chain-group verdict
-    (kind=sdd, retrace, distill; kind=bad_start per chain setting run from the IT and control starts), per chain (kind=chain) and per registered model (kind=registered_model).
-    Verdict columns: claim, effect_name, effect, ci_low, ci_high, p_value, seeds, n_test, verdict."""
+    (kind=sdd, retrace, distill; kind=bad_start per chain setting run from the IT and control starts), per
+    chain (kind=chain) and per registered model (kind=registered_model).
+    Verdict columns: claim, effect_name, effect, ci_low, ci_high, p_value, seeds, n_test, verdict, convergence."""
     frames = [f for f in (a.thresholds, _verdict_rows(a), a.chains, a.registered) if not f.empty]
     if not frames:
         return pd.DataFrame(columns=["kind"])

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import re
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from analysis import figures
 from analysis.figures import FIGURES
 from analysis.report import SUMMARY, VERDICTS, analyze_study
-from analysis.runs import load_study
-from analysis.summary import dd_peak
+from analysis.runs import load_study, resolve_study
+from analysis.stats import seed_band
+from analysis.summary import analyse, dd_peak
 from analysis.verdicts import bad_start_verdicts
 from sdd import tracking
 from sdd.cli import ANALYZE as analysis_cli
@@ -603,7 +607,8 @@ def test_the_study_threshold_is_used_without_passing_it(world, strict):
 
 def test_an_explicit_threshold_overrides_the_studys(world, summary):
     # The main study recorded 0.9 (its prune stage's start selection) and was analysed at an explicit 0.95.
-    assert load_study(world["client"], world["study"]).recorded_threshold()[0] == 0.9
+    client = world["client"]
+    assert load_study(client, resolve_study(client, world["study"])).recorded_threshold()[0] == 0.9
     assert "crosses 0.95 (given with --it-threshold" in world["report"].read_text()
     dd = summary[summary["kind"] == "dd"].set_index("noise")
     assert dd.loc[0.2, "it_threshold"] == 0.95
@@ -689,7 +694,7 @@ def test_the_it_is_a_bad_start_only_when_clearly_worse_than_the_controls():
     r = verdict.result
     # per seed: IT - mean(controls) = -0.055, -0.0475, -0.055
     assert r.bad_start and r.effect == pytest.approx(-0.0525) and r.p_value < 0.05 and r.ci[1] < 0
-    assert r.verdict.startswith("the IT is a bad start: best pruned accuracy 0.052 [") and "3 seeds" in r.verdict
+    assert r.verdict.startswith("the IT is a bad start: best pruned accuracy 0.053 [") and "3 seeds" in r.verdict
     assert verdict.convergence == "rests on 1 unconverged best level (after w256)" and verdict.unconverged == 1
     (row,) = rows.to_dict("records")
     assert bool(row["bad_start_claim"]) and row["n_seeds"] == 3 and row["bad_start_p_value"] == r.p_value
@@ -702,3 +707,34 @@ def test_the_it_is_a_bad_start_only_when_clearly_worse_than_the_controls():
     assert verdict.result.verdict.startswith("not significant: best pruned accuracy IT - controls 0.000 [")
     assert verdict.columns()["verdict"] == verdict.result.verdict and verdict.convergence == \
         "rests on no unconverged best level"
+
+
+def test_the_distillation_figure_draws_seed_bands_per_start(world, tmp_path, monkeypatch):
+    client = world["client"]
+    a = analyse(client, load_study(client, resolve_study(client, world["study"])), 0.95)
+    # a second distilled seed (the seed-0 chain 0.01 higher, from dense seed 1) pairs with both vanilla seeds
+    (verdict,) = [v for v in a.verdicts if v.kind == "distill"]
+    twin = a.levels[a.levels["chain_run_id"] == world["distilled"]].assign(chain_run_id="twin")
+    twin["test_acc"] += 0.01
+    chain = a.chains[a.chains["chain_run_id"] == world["distilled"]].assign(chain_run_id="twin", dense_seed=1)
+    key = {**verdict.key, "chain_run_ids": [world["distilled"], "twin"],
+           "vanilla_chain_run_ids": [world["vanilla0"], world["vanilla1"]]}
+    a = dataclasses.replace(a, levels=pd.concat([a.levels, twin]), chains=pd.concat([a.chains, chain]),
+                            verdicts=[dataclasses.replace(verdict, key=key)])
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or path)
+    figures.distill_figure(a, tmp_path / "distill.png")
+    (fig,) = drawn
+    test_axis = fig.axes[0]  # one start: one column, test accuracy above the noisy-subset fit
+    assert len(fig.axes) == 2
+    labels = [line.get_label() for line in test_axis.get_lines()]
+    assert labels == ["vanilla: prune magnitude/lr_rewind (2 seeds)",
+                      "distilled: distill magnitude/lr_rewind a0.8 T10 (2 seeds)"]
+    # the dense parents' band (density 1): the 95% CI of the two seeds' mean over 1,000 test samples
+    assert len(test_axis.collections) == 2
+    for band, seeds in zip(test_axis.collections, ([VANILLA_TEST[0], VANILLA_TEST[0] + 0.005],
+                                                   [DISTILL_TEST[0], DISTILL_TEST[0] + 0.01])):
+        xy = band.get_paths()[0].vertices
+        at_dense = xy[np.isclose(xy[:, 0], 1.0), 1]
+        _, low, high = seed_band([[s] for s in seeds], TEST_SIZE)
+        assert (at_dense.min(), at_dense.max()) == (pytest.approx(low[0]), pytest.approx(high[0]))
