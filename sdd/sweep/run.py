@@ -246,8 +246,8 @@ def run_study(path: str | Path, *, address: str | None = None, storage_path: str
     client = tracking.get_client(outcome.tracking_uri)
     study_run = client.get_run(outcome.study_run_id)
     log.info("analysis of study run %s", outcome.study_run_id)
-    report = analyze_study(client, outcome.study_run_id, out_dir or default_out_dir(study_run),
-                           it_threshold=outcome.study.it_threshold)
+    # No threshold passed: the report reads the one the study recorded (`sdd.it_threshold`) and says so.
+    report = analyze_study(client, outcome.study_run_id, out_dir or default_out_dir(study_run))
     seconds = time.monotonic() - started
     client.log_metric(outcome.study_run_id, "wall_time_s", seconds)
     return StudyResult(outcome, report, seconds)
