@@ -346,7 +346,7 @@ def _answer_bad_start(a: Analysis) -> str:
                      f"{_stated(s, 'bad_start_')}")
     return head + "\n\nThe best pruned test accuracy (at each chain's best level by val_acc) from the IT parent " \
         "minus the mean over the control parents (the widths a control factor below and above the IT), paired " \
-        "by dense seed; \"a bad start\" = significantly below (analysis.stats.it_is_a_bad_start, one-sided)." \
+        "by dense seed; \"a bad start\" = significantly below (analysis.stats.it_is_a_bad_start, two-sided paired t-test)." \
         "\n\n" + "\n".join(lines)
 
 

@@ -94,7 +94,7 @@ Other claims
   difference); when the curves have different numbers of points each curve's own recovery is used.
   One-sided t-test, paired by seed when the seed counts match, else Welch, with the binomial floor under
   the variance. The claim needs all three: vanilla significant, distilled not, difference significant.
-* `it_is_a_bad_start`: one-sided paired t-test (df = seeds - 1) on the per-seed difference IT - control
+* `it_is_a_bad_start`: two-sided paired t-test (df = seeds - 1; the claim also needs IT < control) on the per-seed difference IT - control
   with variance ``max(sample variance, floor_IT + floor_control)``; CI from the same t distribution.
 
 Every verdict built on curves can be told which levels did not converge (``converged``); a verdict that
@@ -702,7 +702,7 @@ class BadStart(_Result):
     bad_start: bool
     effect: float              # mean over seeds of IT - control (negative: the IT start is worse)
     ci: tuple[float, float]
-    p_value: float             # one-sided: IT - control < 0
+    p_value: float             # two-sided; the claim also needs IT - control < 0
     seeds: int
     alpha: float
     verdict: str
@@ -710,7 +710,7 @@ class BadStart(_Result):
 
 
 def it_is_a_bad_start(it_best: Any, control_best: Any, n_test: int, alpha: float = 0.05) -> BadStart:
-    """One-sided paired t-test (binomial floor under the variance) of IT-parent vs control-parent best accuracy.
+    """Paired two-sided t-test (binomial floor under the variance) of IT-parent vs control-parent best accuracy.
 
     `it_best`: one best pruned test accuracy per seed. `control_best`: the same per seed, or seeds x
     controls (then averaged over the controls per seed).
@@ -742,10 +742,12 @@ def it_is_a_bad_start(it_best: Any, control_best: Any, n_test: int, alpha: float
     var = max(float(diff.var(ddof=1)), floor)
     se = math.sqrt(var / seeds)
     dof = seeds - 1.0
-    p = _t_sf(-est / se, dof)
-    h = _t_ppf(0.975, dof) * se
+    # Two-sided, so that the printed 95% CI excludes 0 exactly when the claim is made (a one-sided p of
+    # 0.04 beside a CI through zero reads as a contradiction); "bad" also needs the IT side to be lower.
+    p = min(1.0, 2.0 * _t_sf(abs(est) / se, dof))
+    h = _t_ppf(1.0 - alpha / 2.0, dof) * se
     ci = (est - h, est + h)
-    bad = p <= alpha
+    bad = p <= alpha and est < 0
     if bad:
         verdict = (f"the IT is a bad start: best pruned accuracy {_fmt(-est)} {_fmt_ci((-ci[1], -ci[0]))} below the "
                    f"controls, {_fmt_p(p)}, {_seeds_text(seeds)}")

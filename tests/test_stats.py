@@ -335,3 +335,13 @@ def test_seed_band_is_the_t_interval_of_the_seed_mean():
     # with the test set's size the binomial floor keeps the band open where the seeds agree
     _, low, high = seed_band([[0.6], [0.6]], 1000)
     assert (high[0] - 0.6) == pytest.approx(12.706 * math.sqrt(0.24 / 1000 / 2), rel=1e-3)
+
+
+def test_a_bad_start_is_claimed_exactly_when_its_ci_lies_below_zero():
+    # The printed 95% CI and the claim must never disagree (a one-sided p = 0.04 beside a CI through zero did).
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        it = np.clip(0.6 + rng.normal(0, 0.03, 3), 0, 1)
+        controls = np.clip(it[:, None] + rng.normal(0.02, 0.03, (3, 2)), 0, 1)
+        result = stats.it_is_a_bad_start(it, controls, n_test=10_000)
+        assert result.bad_start == (result.ci[1] < 0), (it, controls, result)
