@@ -518,12 +518,15 @@ def _params(params: Any, columns: int, name: str) -> np.ndarray:
 
 
 def retraces(pruned_acc: Any, pruned_params: Any, dense_acc: Any, dense_params: Any, n_test: int,
-             alpha: float = 0.05, *, margin: float | None = None, converged: Any = None) -> Retrace:
+             alpha: float = 0.05, *, margin: float | None = None, converged: Any = None,
+             first_pruned: int = 0) -> Retrace:
     """Does the pruned curve (seeds x levels, nonzero params per level) retrace the dense curve (seeds x widths)?
 
     The dense mean curve is interpolated linearly in log(params) at every pruned level inside the dense
     parameter range. `margin`: the equivalence margin in accuracy; None = 4 per-seed binomial SEs at the
-    interpolated dense accuracy. `converged`: optional booleans for the pruned levels.
+    interpolated dense accuracy. `converged`: optional booleans for the pruned levels. `first_pruned`: the
+    first column that is a pruned level (1 when column 0 holds the dense parents: a parent lies on the dense
+    curve by construction, so it must not count as evidence that pruning retraces it).
     """
     pa = _curve(pruned_acc, "pruned_acc")
     da = _curve(dense_acc, "dense_acc")
@@ -545,6 +548,7 @@ def retraces(pruned_acc: Any, pruned_params: Any, dense_acc: Any, dense_params: 
                        tuple(cis), tuple(float(x) for x in margins), seeds, dense_seeds, alpha, tuple(bad), verdict)
 
     inside = np.flatnonzero((px >= dx[0] - 1e-12) & (px <= dx[-1] + 1e-12))
+    inside = inside[inside >= first_pruned]
     if inside.size == 0:
         return result(False, False, math.nan, nan2, math.nan, math.nan, math.nan, math.nan, -1, (), (), (), (),
                       "no pruned level inside the dense models' parameter range: not tested")

@@ -190,11 +190,13 @@ def seed_groups(chains: pd.DataFrame, levels: pd.DataFrame, dense: pd.DataFrame)
         sdd = _noted(Verdict("sdd", key, n_test, stats.dip_and_recovery(acc.T.to_numpy(), n_test) if have else None),
                      converged)
         dense_acc, dense_params = dd_matrix(dense, first["family"], first["noise"])
-        # every level, the dense parent included, so that the verdict's level numbers are the chain's levels
+        # every level, the dense parent included, so that the verdict's level numbers are the chain's levels;
+        # only the pruned ones (from column 1) are evidence
         can_retrace = have and len(dense_acc) >= 2
         retrace = _noted(Verdict("retrace", key, n_test,
                                  stats.retraces(acc.T.to_numpy(), nonzero.T.to_numpy(), dense_acc.T.to_numpy(),
-                                                dense_params.to_numpy(), n_test) if can_retrace else None,
+                                                dense_params.to_numpy(), n_test, first_pruned=1)
+                                 if can_retrace else None,
                                  NO_TEST_SIZE if not have else "no dense DD curve of this family and noise level "
                                  "(two widths every seed reached): not tested"), converged)
         verdicts += [sdd, retrace]

@@ -345,3 +345,14 @@ def test_a_bad_start_is_claimed_exactly_when_its_ci_lies_below_zero():
         controls = np.clip(it[:, None] + rng.normal(0.02, 0.03, (3, 2)), 0, 1)
         result = stats.it_is_a_bad_start(it, controls, n_test=10_000)
         assert result.bad_start == (result.ci[1] < 0), (it, controls, result)
+
+
+def test_the_dense_parent_is_no_evidence_that_pruning_retraces():
+    # A w8 chain whose only level inside the dense range was its own parent (level 0) read "retraces".
+    rng = np.random.default_rng(4)
+    params = np.array([2_000, 800, 300])          # level 0 inside the dense range, the pruned levels below it
+    acc = draw(np.array([dense_at(2_000), 0.3, 0.2]), rng)
+    parent_only = retraces(acc, params, draw(DENSE_MU, rng), DENSE_PARAMS, N_TEST, first_pruned=1)
+    assert not parent_only.retraces and "not tested" in parent_only.verdict
+    with_parent = retraces(acc, params, draw(DENSE_MU, rng), DENSE_PARAMS, N_TEST)
+    assert with_parent.levels == (0,)
