@@ -260,6 +260,17 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
+def _resnet18_stages(block: type[nn.Module], width: int) -> tuple[nn.Sequential, ...]:
+    """ResNet-18's four stages of two `block`s each, widths k, 2k, 4k, 8k, downsampling from the second on."""
+    stages = []
+    channels = width
+    for i, stage_width in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        stride = 1 if i == 0 else 2
+        stages.append(nn.Sequential(block(channels, stage_width, stride), block(stage_width, stage_width, 1)))
+        channels = stage_width
+    return tuple(stages)
+
+
 @register("resnet18")
 class ResNet18(nn.Module):
     """CIFAR ResNet-18 of width k (stage widths k, 2k, 4k, 8k; k=64 is standard, 11,173,962 parameters
@@ -279,16 +290,9 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
         self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1) if maxpool else nn.Identity()
-        stages = []
-        channels = width
-        for i, stage_width in enumerate((width, 2 * width, 4 * width, 8 * width)):
-            stride = 1 if i == 0 else 2
-            blocks = BasicBlock(channels, stage_width, stride), BasicBlock(stage_width, stage_width, 1)
-            stages.append(nn.Sequential(*blocks))
-            channels = stage_width
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.layer1, self.layer2, self.layer3, self.layer4 = _resnet18_stages(BasicBlock, width)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.fc = nn.Linear(8 * width, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -390,16 +394,9 @@ class PreActResNet18(nn.Module):
         super().__init__()
         in_channels = _image_channels("preact_resnet18", input_shape, min_side=1)
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        stages = []
-        channels = width
-        for i, stage_width in enumerate((width, 2 * width, 4 * width, 8 * width)):
-            stride = 1 if i == 0 else 2
-            blocks = PreActBlock(channels, stage_width, stride), PreActBlock(stage_width, stage_width, 1)
-            stages.append(nn.Sequential(*blocks))
-            channels = stage_width
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.layer1, self.layer2, self.layer3, self.layer4 = _resnet18_stages(PreActBlock, width)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.fc = nn.Linear(8 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
