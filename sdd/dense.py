@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
+from mlflow.entities import RunTag
 
 from sdd import faults, lifecycle, models, tracking
 from sdd.config import DataConfig, TrainConfig, to_flat_dict, train_hash
 from sdd.distillation import Teacher, distillation_loss, load_teacher
+from sdd.errors import UsageError
 from sdd.measures import activation_entropy, learning_distance, split_metrics
+from sdd.packs import fit_pack
 from sdd.problem import Problem, build_model, load_problem, resolve_device
 from sdd.progress import Progress
-from sdd.training import Recipe, converged, cross_entropy, fit
+from sdd.training import FitResult, Recipe, converged, cross_entropy, fit
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +78,69 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
     `tracking_uri` defaults to `sdd.tracking.tracking_uri()`; `experiment` is a name (default: see
     `sdd.tracking.experiment_id`); `parent_run_id` nests the run (e.g. under a sweep stage).
     """
-    cfg.validate()
-    device = resolve_device(cfg.device)
+    return run_train_pack([cfg], tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent_run_id,
+                          extra_tags=extra_tags)[0]
+
+
+def run_train_pack(cfgs: Sequence[TrainConfig], *, tracking_uri: str | None = None, experiment: str | None = None,
+                   parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> list[StepResult]:
+    """Train the dense models of configs that differ only in their seed as one seed pack
+    (`sdd.packs.fit_pack`): each one is its own MLflow run, exactly as `run_train` would make it,
+    reused when finished and continued from its own resume checkpoint when a process died. Members
+    that resume from different epochs train in packs of their own (one alone trains by `fit`).
+    """
+    for cfg in cfgs:
+        cfg.validate()
+    check_packable(cfgs)
+    first = cfgs[0]
+    device = resolve_device(first.device)
     client = tracking.get_client(tracking_uri)
     exp_id = tracking.experiment_id(client, experiment)
-    problem = load_problem(cfg.data, device, run_seed=cfg.optim.seed)
     teacher: Teacher | None = None
-    if cfg.distill.teacher:
-        teacher = load_teacher(client, cfg.distill.teacher, problem.splits.input_shape,
-                               problem.splits.num_classes, device)
+    problems = [load_problem(cfg.data, device, run_seed=cfg.optim.seed) for cfg in cfgs]
+    if first.distill.teacher:
+        teacher = load_teacher(client, first.distill.teacher, problems[0].splits.input_shape,
+                               problems[0].splits.num_classes, device)
+    leases = [_lease(cfg, client, exp_id, problem, teacher, parent_run_id, extra_tags)
+              for cfg, problem in zip(cfgs, problems)]
+    results: list[StepResult | None] = [StepResult(lease.run_id, True, dict(lease.finished.data.metrics))
+                                        if lease.reused else None for lease in leases]
+    todo = [i for i, lease in enumerate(leases) if not lease.reused]
+    if not todo:
+        return results  # type: ignore[return-value]
+    with ExitStack() as stack:
+        resumes = {i: stack.enter_context(leases[i].running()) for i in todo}
+        groups: dict[int, list[int]] = {}
+        for i in todo:
+            groups.setdefault(int(resumes[i]["epoch"]) if resumes[i] else 0, []).append(i)
+        for members in groups.values():
+            runs = [_DenseRun(cfgs[i], client, leases[i].run_id, problems[i], teacher, resumes[i]) for i in members]
+            for i, metrics in zip(members, _train(runs)):
+                results[i] = StepResult(leases[i].run_id, False, metrics)
+    return results  # type: ignore[return-value]
+
+
+def check_packable(cfgs: Sequence[TrainConfig]) -> None:
+    """Configs share one pack only if they differ in nothing but their seed (which also draws the noise)."""
+    if not cfgs:
+        raise ValueError("no configs to train")
+    def without_seed(cfg: TrainConfig) -> dict:
+        flat = to_flat_dict(cfg)
+        flat.pop("seed")
+        return flat
+    reference = without_seed(cfgs[0])
+    for cfg in cfgs[1:]:
+        other = without_seed(cfg)
+        differ = sorted(k for k in reference if reference[k] != other.get(k))
+        if differ:
+            raise UsageError(f"a seed pack's configs may differ only in seed; these differ in {', '.join(differ)}")
+    seeds = [cfg.optim.seed for cfg in cfgs]
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"a seed pack needs distinct seeds, got {seeds}")
+
+
+def _lease(cfg: TrainConfig, client, exp_id: str, problem: Problem, teacher: Teacher | None,
+           parent_run_id: str | None, extra_tags: dict[str, str] | None) -> lifecycle.Lease:
     config_hash = train_hash(cfg, teacher.run_id if teacher else None)
     m = cfg.model
     name = f"{cfg.data.dataset}-{m.model}-w{m.width}" + (f"-d{m.depth}" if m.depth != 1 else "") \
@@ -93,88 +152,132 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
         tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
     # A killed or failed run of this config is continued, not duplicated: from its last resume
     # checkpoint, or from the start inside the same run (the metrics it logged are not logged twice).
-    lease = lifecycle.acquire(client, exp_id, lifecycle.RunSpec(
+    return lifecycle.acquire(client, exp_id, lifecycle.RunSpec(
         "train", config_hash, name, tags, parent_run_id=parent_run_id, resume_artifact=RESUME_ARTIFACT),
         force=cfg.force)
-    if lease.reused:
-        return StepResult(lease.run_id, True, dict(lease.finished.data.metrics))
-    with lease.running() as resume_state:
-        metrics = _train(cfg, client, lease.run_id, problem, teacher, resume_state)
-    return StepResult(lease.run_id, False, metrics)
 
 
-def _train(cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Teacher | None,
-           resume: dict | None) -> dict[str, float]:
-    model = build_model(cfg.model, problem, cfg.optim.seed)
-    weights = models.prunable_weights(model)
-    num_params = models.count_params(model)
-    init = {k: v.detach().clone() for k, v in weights.items()}
-    # A continued run re-computes steps it may already have logged before it stopped.
-    logger = tracking.MetricLogger(client, run_id, skip_through=tracking.last_logged_step(client, run_id))
-    if resume is None:
+class _DenseRun:
+    """One dense run's tracking around the training loop: what it logs before, during and after `fit`."""
+
+    def __init__(self, cfg: TrainConfig, client, run_id: str, problem: Problem, teacher: Teacher | None,
+                 resume: dict | None) -> None:
+        self.cfg, self.client, self.run_id, self.problem, self.resume = cfg, client, run_id, problem, resume
+        self.model = build_model(cfg.model, problem, cfg.optim.seed)
+        self.init = {k: v.detach().clone() for k, v in models.prunable_weights(self.model).items()}
+        # A continued run re-computes steps it may already have logged before it stopped.
+        self.logger = tracking.MetricLogger(client, run_id, skip_through=tracking.last_logged_step(client, run_id))
+        self.loss_fn = cross_entropy
+        if teacher is not None:
+            self.loss_fn = distillation_loss(teacher, problem.splits.x_train, cfg.distill.alpha,
+                                             cfg.distill.temperature, cfg.data.augment)
+        self.generator = torch.Generator(device=problem.device).manual_seed(cfg.optim.seed)
+        self.every = cfg.effective_eval_every()
+        if resume is None:
+            self._log_start()
+
+    def _log_start(self) -> None:
+        cfg, client, run_id, problem, model = self.cfg, self.client, self.run_id, self.problem, self.model
+        num_params = models.count_params(model)
         tracking.log_params(client, run_id, {**to_flat_dict(cfg), "num_params": num_params})
         # The effective config, exactly; params may hold `mlflow run`'s spelling of the -P values.
         client.log_dict(run_id, to_flat_dict(cfg), "config.json")
         rates = {"wrong_label_rate": problem.wrong_label_rate}
         if cfg.data.val_noise:
             rates["val_wrong_label_rate"] = len(problem.val_noisy_idx) / max(1, len(problem.splits.y_val))
-        logger.log({"num_params": num_params, **rates}, 0)
+        self.logger.log({"num_params": num_params, **rates}, 0)
         tracking.log_state(client, run_id, {"noisy_idx": problem.noisy_idx.cpu(),
                                              "noisy_labels": problem.splits.y_train.cpu(),
                                              "val_noisy_idx": problem.val_noisy_idx.cpu()}, "noise/noisy_idx.pt")
         log_dataset_inputs(client, run_id, cfg.data, problem)
         tracking.log_state(client, run_id, model.state_dict(), "checkpoints/init.pt")
-        logger.log({**evaluate_all(model, problem, init), **nonzero_counts(model)}, 0)
+        self.logger.log({**evaluate_all(model, problem, self.init), **nonzero_counts(model)}, 0)
         if 0 in cfg.save_epochs:
             tracking.log_state(client, run_id, model.state_dict(), "checkpoints/epoch_0.pt")
 
+    def on_step(self, step: int) -> None:
+        if step == self.cfg.rewind_step and step > 0:
+            tracking.log_state(self.client, self.run_id, self.model.state_dict(), f"checkpoints/step_{step}.pt")
+
+    def on_epoch(self, epoch: int) -> None:
+        if epoch % self.every == 0 and epoch != self.cfg.optim.epochs:  # the final evaluation follows fit()
+            self.logger.log(evaluate_all(self.model, self.problem, self.init), epoch)
+        if epoch in self.cfg.save_epochs:
+            tracking.log_state(self.client, self.run_id, self.model.state_dict(), f"checkpoints/epoch_{epoch}.pt")
+        faults.reach(f"train-epoch-{epoch}", self.run_id)
+
+    def snapshot(self, state: dict) -> None:
+        self.logger.flush()  # metrics first: a resumed run skips the steps already logged
+        tracking.log_training_state(self.client, self.run_id, state, RESUME_ARTIFACT)
+        faults.reach(f"train-saved-{state['epoch']}", self.run_id)
+
+    def finish(self, fitted: FitResult, seconds: float) -> dict[str, float]:
+        client, run_id, model, problem = self.client, self.run_id, self.model, self.problem
+        final = evaluate_all(model, problem, self.init)
+        final.update(activation_entropy(model, problem.splits.x_train))
+        final.update(nonzero_counts(model))
+        final["train_time_s"] = seconds
+        final["steps"] = fitted.steps
+        final["converged"] = float(converged(fitted.epoch_losses, final.get("train_acc")))
+        self.logger.log(final, self.cfg.optim.epochs)
+        client.set_tag(run_id, "sdd.converged", "true" if final["converged"] else "false")
+        self.logger.flush()
+        tracking.log_state(client, run_id, model.state_dict(), "checkpoints/final.pt")
+        tracking.log_model(client, run_id, model)
+        log.info("%s: done in %.1fs: test_acc %.4f, train_acc_noisy %s", run_id[:8], seconds,
+                 final["test_acc"], f"{final.get('train_acc_noisy', float('nan')):.4f}")
+        return final
+
+
+def _train(runs: list[_DenseRun]) -> list[dict[str, float]]:
+    """Train the runs (all at the same epoch) alone by `fit`, or together as a seed pack; their final metrics."""
+    first = runs[0]
+    cfg, problem = first.cfg, first.problem
     epochs = cfg.optim.epochs
-    every = cfg.effective_eval_every()
-
-    loss_fn = cross_entropy
-    if teacher is not None:
-        loss_fn = distillation_loss(teacher, problem.splits.x_train, cfg.distill.alpha, cfg.distill.temperature,
-                                    cfg.data.augment)
     recipe = Recipe.from_optim(cfg.optim, augment=cfg.data.augment)
-    generator = torch.Generator(device=problem.device).manual_seed(cfg.optim.seed)
     started = time.monotonic()
-    progress = Progress(epochs, f"train {run_id[:8]}", initial=int(resume["epoch"]) if resume else 0)
-
-    def on_step(step: int) -> None:
-        if step == cfg.rewind_step and step > 0:
-            tracking.log_state(client, run_id, model.state_dict(), f"checkpoints/step_{step}.pt")
-
-    def on_epoch(epoch: int, loss: float) -> None:
-        if epoch % every == 0 and epoch != epochs:  # the final evaluation follows fit()
-            logger.log(evaluate_all(model, problem, init), epoch)
-        if epoch in cfg.save_epochs:
-            tracking.log_state(client, run_id, model.state_dict(), f"checkpoints/epoch_{epoch}.pt")
-        faults.reach(f"train-epoch-{epoch}", run_id)
-        progress.update(epoch, loss=loss)
-
-    def snapshot(state: dict) -> None:
-        logger.flush()  # metrics first: a resumed run skips the steps already logged
-        tracking.log_training_state(client, run_id, state, RESUME_ARTIFACT)
-        faults.reach(f"train-saved-{state['epoch']}", run_id)
-
+    resumed = int(first.resume["epoch"]) if first.resume else 0
+    label = f"train {first.run_id[:8]}" if len(runs) == 1 else f"train pack of {len(runs)} ({first.run_id[:8]}, ...)"
+    progress = Progress(epochs, label, initial=resumed)
+    common = {"snapshot_every": cfg.resume_every, "snapshot_epochs": faults.snapshot_epochs(),
+              "pad_fill": problem.splits.black}
     try:
-        fitted = fit(model, problem.splits.x_train, problem.splits.y_train, recipe, loss_fn=loss_fn,
-                     generator=generator, on_step=on_step, on_epoch=on_epoch, resume=resume, snapshot=snapshot,
-                     snapshot_every=cfg.resume_every, snapshot_epochs=faults.snapshot_epochs(),
-                     pad_fill=problem.splits.black)
+        if len(runs) == 1:
+            def on_epoch(epoch: int, loss: float) -> None:
+                first.on_epoch(epoch)
+                progress.update(epoch, loss=loss)
+
+            fitted = [fit(first.model, problem.splits.x_train, problem.splits.y_train, recipe, loss_fn=first.loss_fn,
+                          generator=first.generator, on_step=first.on_step, on_epoch=on_epoch, resume=first.resume,
+                          snapshot=first.snapshot, **common)]
+        else:
+            def on_pack_step(step: int) -> None:
+                for run in runs:
+                    run.on_step(step)
+
+            def on_pack_epoch(epoch: int, losses: list[float]) -> None:
+                for run in runs:
+                    run.on_epoch(epoch)
+                progress.update(epoch, loss=sum(losses) / len(losses))
+
+            def pack_snapshot(states: list[dict]) -> None:
+                for run, state in zip(runs, states):
+                    run.snapshot(state)
+
+            x = problem.splits.x_train
+            # The lineage of an execution detail: which runs shared the batched model (and its wall time).
+            members = ",".join(run.run_id for run in runs)
+            for run in runs:
+                run.client.log_batch(run.run_id, tags=[RunTag("sdd.pack_size", str(len(runs))),
+                                                       RunTag("sdd.pack_runs", members)])
+            for run in runs[1:]:
+                if not torch.equal(run.problem.splits.x_train, x):
+                    raise ValueError("seed pack members must share their training inputs")
+            fitted = fit_pack([run.model for run in runs], x, [run.problem.splits.y_train for run in runs], recipe,
+                              loss_fns=[run.loss_fn for run in runs], generators=[run.generator for run in runs],
+                              on_step=on_pack_step, on_epoch=on_pack_epoch, snapshot=pack_snapshot,
+                              resumes=[run.resume for run in runs] if resumed else None, **common)
     finally:
         progress.close()
-    final = evaluate_all(model, problem, init)
-    final.update(activation_entropy(model, problem.splits.x_train))
-    final.update(nonzero_counts(model))
-    final["train_time_s"] = time.monotonic() - started
-    final["steps"] = fitted.steps
-    final["converged"] = float(converged(fitted.epoch_losses, final.get("train_acc")))
-    logger.log(final, epochs)
-    client.set_tag(run_id, "sdd.converged", "true" if final["converged"] else "false")
-    logger.flush()
-    tracking.log_state(client, run_id, model.state_dict(), "checkpoints/final.pt")
-    tracking.log_model(client, run_id, model)
-    log.info("%s: done in %.1fs: test_acc %.4f, train_acc_noisy %s", run_id[:8], final["train_time_s"],
-             final["test_acc"], f"{final.get('train_acc_noisy', float('nan')):.4f}")
-    return final
+    seconds = time.monotonic() - started
+    return [run.finish(result, seconds) for run, result in zip(runs, fitted)]

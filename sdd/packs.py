@@ -1,0 +1,276 @@
+"""Seed packs: several seeds of one config trained at once as one batched model.
+
+The members' parameters are stacked along a new leading dimension (`torch.func.stack_module_state`)
+and every member's `nn.Parameter` becomes a view into its slice, so the stacked tensors are the
+only copy: the optimizer steps them, masks multiply into them, and each member module (its state_dict,
+its evaluation, its pruning) always sees its own current weights. The forward pass is one
+`torch.func.vmap` of `functional_call` over the members.
+
+A pack reproduces its members' separate trainings (`sdd.training.fit`), seed for seed: each member
+keeps its own batch order and augmentation draws (its own generator, consumed in the same order), its
+own labels (its own noise draw), its own loss function, and an optimizer state that is the per-member
+slice of the pack's. Adam, AdamW and SGD are elementwise, so stepping the stacked tensors is stepping
+each member; the gradients differ from the separate runs only by floating-point summation order.
+A member's resume state has the layout of `fit`'s, so a packed run can be continued alone and the
+other way round.
+
+Whether a pack pays is measured, not assumed: `pack_pays` is the rule `sdd bench` checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from sdd.augment import random_crop_flip
+from sdd.config import ModelConfig, OptimConfig
+from sdd.training import FitResult, LossFn, Recipe, TrainingDiverged, cross_entropy, lr_factor, make_optimizer
+
+log = logging.getLogger(__name__)
+
+Masks = Mapping[str, torch.Tensor]
+
+# Models whose forward passes vmap cleanly (no data-dependent control flow). BatchNorm's running
+# statistics are stacked buffers, updated in place per member inside the vmap.
+PACKABLE_MODELS = ("mlp", "cnn1d", "cnn5", "lenet")
+
+# The measured rule (`sdd bench`, seed packs vs separate trainings, README "Performance"). On a CPU a
+# pack only pays where the separate trainings are dominated by per-step overhead: minibatches of a
+# small fully connected or 1-D convolutional model, where the pack does the work of K Python steps in
+# one (mlp and cnn1d at batch 128: 1.2-1.4x for 3 seeds). A full-batch MLP step is one large GEMM per
+# layer already, and a vmapped Conv2d becomes a grouped convolution that the CPU runs slower than K
+# plain ones (cnn5 width 8: 0.8x). On a GPU a small model leaves the device idle, so a pack pays for any
+# packable model up to GPU_PACK_MAX_PARAMS.
+CPU_PACKABLE_MODELS = ("mlp", "cnn1d", "lenet")
+CPU_PACK_MAX_PARAMS = 200_000
+GPU_PACK_MAX_PARAMS = 2_000_000
+
+
+def pack_pays(model: ModelConfig, optim: OptimConfig, num_params: int, train_size: int, device: torch.device) -> bool:
+    """Whether training several seeds of this config as one pack is faster than one after another."""
+    if model.model not in PACKABLE_MODELS:
+        return False
+    if device.type == "cuda":
+        return num_params <= GPU_PACK_MAX_PARAMS
+    minibatch = bool(optim.batch_size) and optim.batch_size < train_size
+    return model.model in CPU_PACKABLE_MODELS and minibatch and num_params <= CPU_PACK_MAX_PARAMS
+
+
+class Pack:
+    """K modules of one architecture whose parameters and buffers live in stacked tensors."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        if len(members) < 2:
+            raise ValueError("a pack needs at least two members")
+        self.members = list(members)
+        params, buffers = stack_module_state(self.members)
+        self.params = {name: tensor.detach().requires_grad_() for name, tensor in params.items()}
+        self.buffers = {name: tensor.detach() for name, tensor in buffers.items()}
+        for k, member in enumerate(self.members):
+            for name, tensor in member.named_parameters():
+                tensor.data = self.params[name].data[k]
+            for name, tensor in member.named_buffers():
+                tensor.data = self.buffers[name][k]
+        # The structure only: functional_call swaps in the stacked tensors' slices.
+        self.template = copy.deepcopy(self.members[0]).to("meta")
+
+        def forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.template, (params, buffers), (x,))
+
+        self._forward = forward
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def forward(self, x: torch.Tensor, *, shared: bool) -> torch.Tensor:
+        """Logits (K, B, classes): of the same batch x (B, ...) for every member if `shared`, else of
+        each member's own batch x[k] (x of shape (K, B, ...))."""
+        return vmap(self._forward, in_dims=(0, 0, None if shared else 0), randomness="error")(
+            self.params, self.buffers, x)
+
+    def train(self, mode: bool = True) -> None:
+        self.template.train(mode)
+        for member in self.members:
+            member.train(mode)
+
+    def release(self) -> None:
+        """Give every member storage of its own again (the pack is not used after this)."""
+        with torch.no_grad():
+            for member in self.members:
+                for tensor in [*member.parameters(), *member.buffers()]:
+                    tensor.data = tensor.data.clone()
+
+    def member_optimizer_state(self, optimizer: torch.optim.Optimizer, k: int) -> dict[str, Any]:
+        """Member k's slice of the pack's optimizer state, laid out as `fit`'s optimizer would save it
+        (its parameters numbered in `member.parameters()` order, as `stack_module_state` stacks them)."""
+        saved = optimizer.state_dict()
+        state = {}
+        for index, entry in saved["state"].items():
+            state[index] = {key: value[k].clone() if torch.is_tensor(value) and value.dim() > 0 else
+                            (value.clone() if torch.is_tensor(value) else value) for key, value in entry.items()}
+        groups = [{**group, "params": list(group["params"])} for group in saved["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    def load_member_optimizer_states(self, optimizer: torch.optim.Optimizer, states: Sequence[Mapping[str, Any]]) -> None:
+        """Stack the members' optimizer states (`fit`'s layout) into the pack's optimizer."""
+        first = states[0]
+        merged: dict[int, dict[str, Any]] = {}
+        for index, entry in first["state"].items():
+            merged[index] = {}
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    merged[index][key] = torch.stack([s["state"][index][key] for s in states])
+                else:
+                    steps = {float(s["state"][index][key]) for s in states}
+                    if len(steps) != 1:
+                        raise ValueError(f"pack members were saved at different optimizer steps: {sorted(steps)}")
+                    merged[index][key] = value
+        optimizer.load_state_dict({"state": merged, "param_groups": first["param_groups"]})
+
+
+def fit_pack(
+    models: Sequence[nn.Module],
+    x: torch.Tensor,
+    ys: Sequence[torch.Tensor],
+    recipe: Recipe,
+    *,
+    masks: Sequence[Masks | None] | None = None,
+    loss_fns: Sequence[LossFn] | None = None,
+    generators: Sequence[torch.Generator | None],
+    on_step: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int, list[float]], None] | None = None,
+    autocast: bool | None = None,
+    resumes: Sequence[Mapping[str, Any] | None] | None = None,
+    snapshot: Callable[[list[dict[str, Any]]], None] | None = None,
+    snapshot_every: float = 0.0,
+    snapshot_epochs: int = 0,
+    pad_fill: torch.Tensor | None = None,
+) -> list[FitResult]:
+    """`sdd.training.fit` for K models of one architecture at once: model k trains on (x, ys[k]) with
+    masks[k], loss_fns[k] and generators[k] exactly as `fit` would train it alone; returns each one's
+    FitResult.
+
+    Callbacks see the whole pack: `on_step(step)`, `on_epoch(epoch, last losses)` (the members are in
+    lockstep: same data size, same batch size), `snapshot(states)` with one `fit`-layout state per
+    member. `resumes` are `fit`-layout states of the members, all saved at the same epoch.
+    """
+    k = len(models)
+    if len(ys) != k or len(generators) != k:
+        raise ValueError("one label tensor and one generator per member")
+    masks = list(masks) if masks is not None else [None] * k
+    loss_fns = list(loss_fns) if loss_fns is not None else [cross_entropy] * k
+    device = x.device
+    if resumes is not None and any(r is not None for r in resumes):
+        if any(r is None for r in resumes) or len({int(r["epoch"]) for r in resumes}) != 1:
+            raise ValueError("pack members resume from different epochs: resume them separately")
+        for model, state in zip(models, resumes):
+            model.load_state_dict(state["model"])
+    pack = Pack(models)
+    optimizer = make_optimizer(list(pack.params.values()), recipe.optim, recipe.lr)
+    stacked_masks = _stack_masks(pack, models, masks)
+    y = torch.stack(list(ys))
+    milestones = recipe.milestones()
+    batch = recipe.optim.batch_size or len(x)
+    use_autocast = device.type == "cuda" if autocast is None else autocast
+    n = len(x)
+    step = first_epoch = 0
+    epoch_losses: list[list[float]] = [[] for _ in range(k)]
+    if resumes is not None and resumes[0] is not None:
+        pack.load_member_optimizer_states(optimizer, [r["optimizer"] for r in resumes])
+        first_epoch, step = int(resumes[0]["epoch"]), int(resumes[0]["step"])
+        for member, state in enumerate(resumes):
+            epoch_losses[member] = [float(v) for v in state.get("epoch_losses", [])]
+            if generators[member] is not None and state.get("generator") is not None:
+                try:
+                    generators[member].set_state(state["generator"])
+                except RuntimeError:
+                    log.warning("resume checkpoint from another device: batch order and augmentation continue "
+                                "from a fresh random state")
+    plain_loss = all(fn is cross_entropy for fn in loss_fns)
+    last_snapshot = time.monotonic()
+    pack.train()
+    try:
+        for epoch in range(first_epoch, recipe.epochs):
+            factor = lr_factor(recipe.schedule, epoch, recipe.epochs, milestones, recipe.optim.gamma)
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.lr * factor
+            orders = None if batch >= n else torch.stack(
+                [torch.randperm(n, device=device, generator=g) for g in generators])
+            totals = torch.zeros(k, device=device)
+            for i in range(0, n, batch):
+                idx = None if orders is None else orders[:, i:i + batch]
+                if idx is None:
+                    yb = y
+                    xb = x if not recipe.augment else torch.stack(
+                        [random_crop_flip(x, fill=pad_fill, generator=g) for g in generators])
+                else:
+                    yb = torch.gather(y, 1, idx)
+                    xb = torch.stack([random_crop_flip(x[idx[m]], fill=pad_fill, generator=generators[m])
+                                      if recipe.augment else x[idx[m]] for m in range(k)])
+                shared = idx is None and not recipe.augment
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                    logits = pack.forward(xb, shared=shared)
+                logits = logits.float()
+                if plain_loss:
+                    # Each member's mean over its batch, as F.cross_entropy computes it alone.
+                    per_member = nn.functional.cross_entropy(
+                        logits.flatten(0, 1), yb.flatten(), reduction="none").view(k, -1).mean(1)
+                else:
+                    per_member = torch.stack([loss_fns[m](logits[m], yb[m], xb if shared else xb[m],
+                                                          None if idx is None else idx[m]) for m in range(k)])
+                optimizer.zero_grad(set_to_none=True)
+                per_member.sum().backward()
+                optimizer.step()
+                totals += per_member.detach() * yb.shape[1]
+                if stacked_masks:
+                    with torch.no_grad():
+                        for name, mask in stacked_masks.items():
+                            pack.params[name].mul_(mask)
+                step += 1
+                if on_step is not None:
+                    on_step(step)
+            last = per_member.detach().tolist()
+            bad = [(m, v) for m, v in enumerate(last) if not math.isfinite(v)]
+            if bad:
+                raise TrainingDiverged(f"loss became {bad[0][1]} at epoch {epoch + 1} (pack member {bad[0][0]})")
+            for member, total in enumerate((totals / n).tolist()):
+                epoch_losses[member].append(total)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, last)
+            due = (snapshot_every > 0 and time.monotonic() - last_snapshot >= snapshot_every) or \
+                (snapshot_epochs > 0 and (epoch + 1) % snapshot_epochs == 0)
+            if snapshot is not None and due and epoch + 1 < recipe.epochs:
+                snapshot([{"epoch": epoch + 1, "step": step, "model": models[m].state_dict(),
+                           "optimizer": pack.member_optimizer_state(optimizer, m),
+                           "epoch_losses": list(epoch_losses[m]),
+                           "generator": generators[m].get_state() if generators[m] is not None else None}
+                          for m in range(k)])
+                last_snapshot = time.monotonic()
+    finally:
+        pack.release()
+    return [FitResult(step, losses) for losses in epoch_losses]
+
+
+def _stack_masks(pack: Pack, models: Sequence[nn.Module], masks: Sequence[Masks | None]) -> dict[str, torch.Tensor]:
+    """The members' masks (keyed by parameter name, as `models.prunable_weights` names them) stacked by
+    name; a member without a mask for a weight keeps that weight whole."""
+    keys = sorted({key for member_masks in masks for key in (member_masks or {})})
+    unknown = [key for key in keys if key not in pack.params]
+    if unknown:
+        raise ValueError(f"mask {unknown[0]!r} names no parameter of the model")
+    stacked = {}
+    for key in keys:
+        like = pack.params[key]
+        stacked[key] = torch.stack([member_masks[key].to(like.device, like.dtype)
+                                    if member_masks and key in member_masks
+                                    else torch.ones(like.shape[1:], dtype=like.dtype, device=like.device)
+                                    for member_masks in masks])
+    return stacked

@@ -1,0 +1,133 @@
+"""Seed packs: K seeds trained as one batched model reproduce K separate trainings, seed for seed."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_train
+from sdd import models, tracking
+from sdd.config import ModelConfig, OptimConfig
+from sdd.dense import check_packable, run_train, run_train_pack
+from sdd.errors import UsageError
+from sdd.packs import fit_pack, pack_pays
+from sdd.pruning import full_masks, magnitude_scores, prune_masks
+from sdd.training import Recipe, fit
+
+TOLERANCE = 1e-5
+
+
+def _model(name: str, width: int, shape: tuple[int, ...], seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return models.build_model(name, width=width, input_shape=shape, num_classes=10)
+
+
+def _data(n: int, shape: tuple[int, ...], seeds: range) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0))
+    return x, [torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(100 + s)) for s in seeds]
+
+
+def _max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.state_dict().values(), b.state_dict().values())
+               if p.is_floating_point())
+
+
+@pytest.mark.parametrize("name,width,shape,batch,optimizer,augment,pruned", [
+    ("mlp", 16, (40,), None, "adam", False, False),  # full batch: one input batch shared by the members
+    ("mlp", 16, (40,), 32, "adam", False, True),  # minibatches in each member's own order, masked
+    ("cnn1d", 4, (40,), 32, "sgd", False, False),
+    ("cnn5", 2, (3, 8, 8), 16, "sgd", True, True),  # BatchNorm running stats, pad-crop and flip per member
+])
+def test_a_pack_trains_each_seed_as_fit_trains_it_alone(name, width, shape, batch, optimizer, augment, pruned):
+    seeds = range(3)
+    x, ys = _data(64, shape, seeds)
+    recipe = Recipe.from_optim(OptimConfig(optimizer=optimizer, lr=1e-2, momentum=0.9, weight_decay=5e-4,
+                                           batch_size=batch, epochs=3), augment=augment)
+    alone = [_model(name, width, shape, s) for s in seeds]
+    packed = [copy.deepcopy(m) for m in alone]
+    masks = [None] * 3
+    if pruned:  # each seed its own global mask, from its own weights
+        masks = [prune_masks(magnitude_scores(models.prunable_weights(m)), full_masks(models.prunable_weights(m)),
+                             0.5, "global") for m in alone]
+        masks = [{k: v.float() for k, v in mask.items()} for mask in masks]
+    fill = torch.full((shape[0],), -1.0) if augment else None
+    results = [fit(m, x, y, recipe, masks=mask, weights=models.prunable_weights(m) if mask else None,
+                   generator=torch.Generator().manual_seed(s), pad_fill=fill)
+               for s, m, y, mask in zip(seeds, alone, ys, masks)]
+    steps = []
+    pack_results = fit_pack(packed, x, ys, recipe, masks=masks, generators=[torch.Generator().manual_seed(s)
+                                                                             for s in seeds],
+                            on_step=steps.append, pad_fill=fill)
+    for a, p, r, q, mask in zip(alone, packed, results, pack_results, masks):
+        assert _max_difference(a, p) < TOLERANCE
+        assert q.steps == r.steps == steps[-1] and q.epoch_losses == pytest.approx(r.epoch_losses, abs=TOLERANCE)
+        for key, keep in (mask or {}).items():
+            assert torch.all(p.state_dict()[key][keep == 0] == 0)
+    # The members own their weights again: a pack leaves nothing shared behind.
+    storages = {p.untyped_storage().data_ptr() for m in packed for p in m.parameters()}
+    assert len(storages) == sum(1 for m in packed for _ in m.parameters())
+
+
+def test_a_pack_member_continues_alone_from_its_pack_snapshot():
+    seeds = range(2)
+    x, ys = _data(64, (40,), seeds)
+    recipe = Recipe.from_optim(OptimConfig(optimizer="adam", lr=1e-2, batch_size=16, epochs=4))
+    alone = _model("mlp", 16, (40,), 0)
+    packed = [_model("mlp", 16, (40,), s) for s in seeds]
+    fit(alone, x, ys[0], recipe, generator=torch.Generator().manual_seed(0))
+    saved = []
+    fit_pack(packed, x, ys, recipe, generators=[torch.Generator().manual_seed(s) for s in seeds],
+             snapshot=lambda states: saved.append(copy.deepcopy(states)), snapshot_epochs=2)
+    assert [states[0]["epoch"] for states in saved] == [2]
+    continued = _model("mlp", 16, (40,), 0)
+    fit(continued, x, ys[0], recipe, generator=torch.Generator().manual_seed(123), resume=copy.deepcopy(saved[0][0]))  # the optimizer steps its state in place
+    assert _max_difference(continued, alone) < TOLERANCE
+    # ...and a pack continues from its members' states.
+    again = [_model("mlp", 16, (40,), 7) for _ in seeds]
+    fit_pack(again, x, ys, recipe, generators=[torch.Generator() for _ in seeds], resumes=saved[0])
+    for a, b in zip(again, packed):
+        assert _max_difference(a, b) < TOLERANCE
+
+
+def test_packed_runs_are_the_runs_training_alone_makes(tmp_path, monkeypatch):
+    configs = [tiny_train(seed=s, epochs=8, batch_size=100) for s in (0, 1)]
+    stores = {}
+    for how in ("alone", "packed"):
+        uri = f"sqlite:///{tmp_path / how}.db"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        results = [run_train(c) for c in configs] if how == "alone" else run_train_pack(configs)
+        stores[how] = (tracking.get_client(uri), [r.run_id for r in results])
+    (alone_client, alone_ids), (pack_client, pack_ids) = stores["alone"], stores["packed"]
+    assert len(set(pack_ids)) == 2
+    for alone_id, pack_id in zip(alone_ids, pack_ids):
+        a, p = alone_client.get_run(alone_id), pack_client.get_run(pack_id)
+        assert p.data.tags["sdd.config_hash"] == a.data.tags["sdd.config_hash"]
+        assert p.data.tags["sdd.pack_size"] == "2" and p.data.tags["sdd.pack_runs"] == ",".join(pack_ids)
+        assert p.data.params == a.data.params
+        for key in ("test_acc", "train_acc_noisy", "val_loss", "train_loss", "learning_distance", "entropy"):
+            history = {m.step: m.value for m in alone_client.get_metric_history(alone_id, key)}
+            packed = {m.step: m.value for m in pack_client.get_metric_history(pack_id, key)}
+            assert packed.keys() == history.keys()
+            for step, value in history.items():
+                assert packed[step] == pytest.approx(value, abs=TOLERANCE), (key, step)
+    # The pack's runs are the config's runs: training alone reuses them.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'packed'}.db")
+    assert run_train(configs[1]).reused and run_train(configs[1]).run_id == pack_ids[1]
+
+
+def test_only_configs_that_differ_in_their_seed_share_a_pack():
+    with pytest.raises(UsageError, match="differ only in seed; these differ in width"):
+        check_packable([tiny_train(seed=0), tiny_train(seed=1, width=8)])
+    with pytest.raises(UsageError, match="distinct seeds"):
+        check_packable([tiny_train(seed=0), tiny_train(seed=0)])
+
+
+def test_the_auto_rule_packs_only_where_the_benchmark_measured_a_gain():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    mlp, cnn5 = ModelConfig(model="mlp", width=64), ModelConfig(model="cnn5", width=8)
+    full, minibatch = OptimConfig(batch_size=None), OptimConfig(batch_size=128)
+    assert not pack_pays(mlp, full, 5_000, 2000, cpu)
+    assert pack_pays(mlp, minibatch, 5_000, 2000, cpu)
+    assert not pack_pays(cnn5, minibatch, 100_000, 2000, cpu)
+    assert pack_pays(cnn5, minibatch, 100_000, 2000, cuda)
+    assert not pack_pays(ModelConfig(model="resnet18", width=8), minibatch, 100_000, 2000, cuda)
