@@ -12,7 +12,9 @@ import csv
 import io
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 
 import torch
 from mlflow import MlflowClient
@@ -22,15 +24,16 @@ from mlflow.exceptions import MlflowException
 from sdd import faults, lifecycle, models, names, pruning, registry, retraining, tracking
 from sdd.checkpoints import check_masks_fit
 from sdd.config import DistillConfig, PruneConfig, TrainConfig, chain_hash, from_flat_dict, to_flat_dict
-from sdd.dense import StepResult, evaluate_all, log_dataset_inputs, nonzero_counts
+from sdd.dense import StepResult, check_packable, evaluate_all, log_dataset_inputs, nonzero_counts
 from sdd.distillation import Teacher, distillation_loss, load_teacher
 from sdd.errors import UsageError
 from sdd.measures import activation_entropy, forward_flops, learning_distance
+from sdd.packs import fit_pack
 from sdd.phases import LEVEL_PHASES, best_level, entropy_early_stop, it_level_label, pruning_threshold, sdd_phases
 from sdd.problem import Problem, build_model, load_problem, resolve_device
 from sdd.progress import Progress
 from sdd.steps import chain_covers
-from sdd.training import converged, cross_entropy, fit
+from sdd.training import FitResult, converged, cross_entropy, fit
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,30 @@ LEVEL_RESUME_ARTIFACT = "level/resume.pt"
 DEPTH_OPTIONS = ("levels", "target_sparsity")
 
 
-
 @dataclass
 class Parent:
     run: Run
     config: TrainConfig
     start_artifact: str
     rewind_artifact: str | None
+
+
+@dataclass
+class LevelWork:
+    """One level of one chain between its pruning and its run's end."""
+
+    chain: Chain
+    level: int
+    run_id: str
+    masks: pruning.Masks
+    float_masks: dict[str, torch.Tensor]
+    generator: torch.Generator
+    after_prune: dict[str, float]
+    level_start: dict[str, torch.Tensor]
+    logger: tracking.MetricLogger
+    resume: dict | None
+    started: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_parent(client: MlflowClient, cfg: PruneConfig) -> Parent:
@@ -92,12 +112,119 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
 
     The chain goes into its dense parent's experiment, nested under the parent run.
     """
-    cfg.validate()
+    return run_prune_pack([cfg], distill, tracking_uri=tracking_uri, extra_tags=[extra_tags or {}])[0]
+
+
+def run_prune_pack(cfgs: Sequence[PruneConfig], distill: DistillConfig | None = None, *,
+                   tracking_uri: str | None = None,
+                   extra_tags: Sequence[dict[str, str]] | None = None) -> list[StepResult]:
+    """Run chains that differ only in their seed and dense parent (the parent of that seed) as one seed
+    pack: every level of every chain is pruned on its own (its own global masks), and the levels are
+    retrained together (`sdd.packs.fit_pack`). Each chain and level is its own run, as `run_prune`
+    makes it; chains stopped early drop out, levels resumed from different epochs retrain apart.
+    """
+    for cfg in cfgs:
+        cfg.validate()
     if distill is not None:
         distill.validate()
-    device = resolve_device(cfg.device)
+    check_chains_packable(cfgs)
+    device = resolve_device(cfgs[0].device)
     client = tracking.get_client(tracking_uri)
-    parent = resolve_parent(client, cfg)
+    parents = [resolve_parent(client, cfg) for cfg in cfgs]
+    check_packable([parent.config for parent in parents])
+    opened = [_open_chain(cfg, distill, client, device, parent, tags)
+              for cfg, parent, tags in zip(cfgs, parents, extra_tags or [{}] * len(cfgs))]
+    results: list[StepResult | None] = [StepResult(lease.run_id, True, dict(lease.finished.data.metrics))
+                                        if lease.reused else None for lease, _ in opened]
+    todo = [(i, chain) for i, (lease, chain) in enumerate(opened) if chain is not None]
+    if not todo:
+        return results  # type: ignore[return-value]
+    with ExitStack() as runs:
+        for i, _ in todo:
+            runs.enter_context(opened[i][0].running())
+        chains = [chain for _, chain in todo]
+        for chain in chains:
+            chain.prepare()
+        try:
+            while True:
+                active = [chain for chain in chains if chain.pending()]
+                if not active:
+                    break
+                with ExitStack() as levels:
+                    works = [chain.begin_level(levels) for chain in active]
+                    for work, fitted in zip(works, _fit_levels(works)):
+                        work.chain.record_level(work, fitted)
+                for work in works:
+                    work.chain.close_level(work)
+        finally:
+            for chain in chains:
+                chain.progress.close()
+        for (i, chain) in todo:
+            results[i] = StepResult(chain.chain_id, False, chain.finish())
+    return results  # type: ignore[return-value]
+
+
+def check_chains_packable(cfgs: Sequence[PruneConfig]) -> None:
+    """Chains share one pack only if they differ in nothing but their seed and dense parent."""
+    def rest(cfg: PruneConfig) -> dict:
+        flat = to_flat_dict(cfg)
+        return {k: v for k, v in flat.items() if k not in ("seed", "parent")}
+    reference = rest(cfgs[0])
+    for cfg in cfgs[1:]:
+        other = rest(cfg)
+        differ = sorted(k for k in reference if reference[k] != other.get(k))
+        if differ:
+            raise UsageError(f"a seed pack's chains may differ only in seed and parent; these differ in "
+                             f"{', '.join(differ)}")
+    seeds = [cfg.seed for cfg in cfgs]
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"a seed pack needs distinct seeds, got {seeds}")
+
+
+def _fit_levels(works: list[LevelWork]) -> list[FitResult]:
+    """Retrain the levels of several chains: those continuing from the same epoch together as a seed pack,
+    a level alone by `fit`."""
+    groups: dict[int, list[int]] = {}
+    for i, work in enumerate(works):
+        groups.setdefault(int(work.resume["epoch"]) if work.resume else 0, []).append(i)
+    fitted: list[FitResult | None] = [None] * len(works)
+    for members in groups.values():
+        if len(members) == 1:
+            fitted[members[0]] = works[members[0]].chain.fit_level(works[members[0]])
+            continue
+        group = [works[i] for i in members]
+        first = group[0].chain
+        x = first.problem.splits.x_train
+        if any(not torch.equal(w.chain.problem.splits.x_train, x) for w in group[1:]):
+            raise ValueError("seed pack members must share their training inputs")
+        members_ids = ",".join(w.run_id for w in group)
+        for work in group:
+            work.chain.client.log_batch(work.run_id, tags=[tracking.RunTag("sdd.pack_size", str(len(group))),
+                                                           tracking.RunTag("sdd.pack_runs", members_ids)])
+
+        def on_epoch(epoch: int, losses: list[float], group: list[LevelWork] = group) -> None:
+            for work, loss in zip(group, losses):
+                work.chain.on_level_epoch(work, epoch, loss)
+
+        def snapshot(states: list[dict], group: list[LevelWork] = group) -> None:
+            for work, state in zip(group, states):
+                work.chain.level_snapshot(work, state)
+
+        results = fit_pack([w.chain.model for w in group], x, [w.chain.problem.splits.y_train for w in group],
+                           first.recipe, masks=[w.float_masks for w in group],
+                           loss_fns=[w.chain.loss_fn for w in group], generators=[w.generator for w in group],
+                           on_epoch=on_epoch, snapshot=snapshot,
+                           resumes=[w.resume for w in group] if group[0].resume else None,
+                           snapshot_every=first.cfg.resume_every, snapshot_epochs=faults.snapshot_epochs(),
+                           pad_fill=first.problem.splits.black)
+        for i, result in zip(members, results):
+            fitted[i] = result
+    return fitted  # type: ignore[return-value]
+
+
+def _open_chain(cfg: PruneConfig, distill: DistillConfig | None, client: MlflowClient, device: torch.device,
+                parent: Parent, extra_tags: dict[str, str]) -> tuple[lifecycle.Lease, Chain | None]:
+    """The chain's run (new, continued or reused) and, unless reused, its level loop."""
     exp_id = parent.run.info.experiment_id
     problem = load_problem(parent.config.data, device, run_seed=parent.config.optim.seed)
     teacher = None
@@ -113,14 +240,14 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
             "sdd.levels": str(cfg.depth()),
             **({"sdd.target_sparsity": f"{cfg.target_sparsity:g}"} if cfg.target_sparsity is not None else {}),
             "sdd.it_threshold": f"{cfg.it_threshold:g}",
-            **(extra_tags or {})}
+            **extra_tags}
     if teacher:
         tags.update({"sdd.teacher_uri": teacher.uri, "sdd.teacher_run_id": teacher.run_id})
     lease = lifecycle.acquire(client, exp_id, lifecycle.RunSpec(step, config_hash, name, tags,
                                                                 parent_run_id=parent.run.info.run_id),
                               force=cfg.force, extend_finished=lambda run: not chain_covers(cfg, run))
     if lease.reused:
-        return StepResult(lease.run_id, True, dict(lease.finished.data.metrics))
+        return lease, None
     if lease.is_new:
         options = {k: v for k, v in to_flat_dict(cfg).items() if k not in DEPTH_OPTIONS}
         params = {**options, **(to_flat_dict(distill) if distill else {}),
@@ -133,13 +260,13 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
                  int(lease.reopened.data.metrics.get("levels_run", 0)), cfg.depth())
     else:
         log.info("resuming chain %s", lease.run_id)
-    with lease.running():
-        metrics = Chain(cfg, distill, client, exp_id, lease.run_id, config_hash, parent, problem, teacher).run()
-    return StepResult(lease.run_id, False, metrics)
+    return lease, Chain(cfg, distill, client, exp_id, lease.run_id, config_hash, parent, problem, teacher)
 
 
 class Chain:
-    """The level loop of one chain, with its resume state."""
+    """The level loop of one chain, with its resume state: `prepare`, then while `pending`: `begin_level`,
+    retrain (`fit_level`, or with other chains in `run_prune_pack`), `record_level`, `close_level`; then
+    `finish`."""
 
     def __init__(self, cfg: PruneConfig, distill: DistillConfig | None, client: MlflowClient, exp_id: str,
                  chain_id: str, config_hash: str, parent: Parent, problem: Problem, teacher: Teacher | None) -> None:
@@ -195,57 +322,56 @@ class Chain:
     def _chain_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.chain_id, key)}
 
-    def run(self) -> dict[str, float]:
+    def prepare(self) -> None:
+        """Replay the finished levels (a resumed chain) and stand at the next level to run."""
         done = self._finished_levels()
-        history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []
         logged = self._chain_steps("test_acc")
-        logger = tracking.MetricLogger(self.client, self.chain_id)
+        self.logger = tracking.MetricLogger(self.client, self.chain_id)
 
         start = tracking.load_state_artifact(self.client, self.dense_id, self.parent.start_artifact)
         self.model.load_state_dict(start)
-        masks = pruning.full_masks(self.weights)
+        self.masks = pruning.full_masks(self.weights)
         dense = self._measure(self.model, level_start={k: v.detach().clone() for k, v in self.weights.items()})
-        history.append(dense)
+        self.history.append(dense)
         if 0 not in logged:
-            logger.log(dense, 0)
+            self.logger.log(dense, 0)
         # Resume: replay the finished levels' records, then continue from the last one's weights.
         resumed = 0
         while resumed + 1 in done:
             resumed += 1
             metrics = dict(done[resumed].data.metrics)
-            history.append(metrics)
+            self.history.append(metrics)
             if resumed not in logged:
-                logger.log({k: metrics[k] for k in names.CHAIN_METRICS if k in metrics}, resumed)
+                self.logger.log({k: metrics[k] for k in names.CHAIN_METRICS if k in metrics}, resumed)
         if resumed:
-            masks = self._load_level(self.model, done[resumed])
+            self.masks = self._load_level(self.model, done[resumed])
             log.info("%s: levels 1-%d already finished, resuming at level %d", self.chain_id[:8], resumed, resumed + 1)
-        # The level a kill interrupted is continued in its own run (`_level` takes it over, from its
+        # The level a kill interrupted is continued in its own run (`begin_level` takes it over, from its
         # resume checkpoint if it wrote one); any other unfinished level run is a leftover: KILLED.
         stale = [r for r in self._level_runs() if r.info.status != "FINISHED"]
-        interrupted = [r for r in stale if r.data.tags["sdd.level"] == str(resumed + 1)]
+        self.interrupted = [r for r in stale if r.data.tags["sdd.level"] == str(resumed + 1)]
         for run in stale:
             if run.data.tags["sdd.level"] != str(resumed + 1):
                 tracking.mark_killed(self.client, run)
-        stop = self._early_stop(history)
-        started = time.monotonic()
-        level = resumed + 1
+        self.resumed = resumed
+        self.stop = self._early_stop(self.history)
+        self.started = time.monotonic()
+        self.level = resumed + 1
         self.progress = Progress(self.levels * self.recipe.epochs, f"{self.chain_id[:8]} levels",
                                  initial=resumed * self.recipe.epochs)
-        try:
-            while stop is None and level <= self.levels:
-                metrics, masks = self._level(level, masks, logger)
-                history.append(metrics)
-                stop = self._early_stop(history)
-                level += 1
-        finally:
-            self.progress.close()
-        if level == resumed + 1:  # stopped early before the interrupted level: it is not continued
-            for run in interrupted:
+
+    def pending(self) -> bool:
+        """Whether a level is left to run (neither the depth nor the early stop reached)."""
+        return self.stop is None and self.level <= self.levels
+
+    def finish(self) -> dict[str, float]:
+        if self.level == self.resumed + 1:  # stopped early before the interrupted level: it is not continued
+            for run in self.interrupted:
                 tracking.mark_killed(self.client, run)
-        epochs_spent = (len(history) - 1) * self.recipe.epochs
-        logger.flush()
-        summary = self._summarise(history, stop, epochs_spent, time.monotonic() - started)
-        return summary
+        epochs_spent = (len(self.history) - 1) * self.recipe.epochs
+        self.logger.flush()
+        return self._summarise(self.history, self.stop, epochs_spent, time.monotonic() - self.started)
 
     def _early_stop(self, history: list[dict[str, float]]):
         if self.cfg.early_stop != "entropy" or len(history) < 2:
@@ -256,14 +382,16 @@ class Chain:
 
     # --- one level -------------------------------------------------------------------------------
 
-    def _level(self, level: int, masks, logger: tracking.MetricLogger):
-        cfg, model, weights = self.cfg, self.model, self.weights
+    def begin_level(self, stack: ExitStack) -> LevelWork:
+        """Prune for the next level and open its run (in `stack`: FINISHED when the stack closes, FAILED
+        if it closes on an exception); returns what its retraining needs."""
+        cfg, model, weights, level = self.cfg, self.model, self.weights, self.level
         t0 = time.monotonic()
         seed = retraining.level_seed(cfg.seed, level)
         generator = torch.Generator(device=self.problem.device).manual_seed(seed)
         scores = pruning.CRITERIA[cfg.criterion](pruning.ScoringInputs(
             model, weights, generator, lambda: self._gradient_batches(generator)))
-        masks = pruning.prune_masks(scores, masks, cfg.rate, cfg.scope, exclude=self.exclude)
+        masks = pruning.prune_masks(scores, self.masks, cfg.rate, cfg.scope, exclude=self.exclude)
         float_masks = pruning.as_float_masks(masks, weights)
         pruning.apply_masks(weights, float_masks)
         after_prune = evaluate_all(model, self.problem, self.init)
@@ -282,44 +410,59 @@ class Chain:
         lease = lifecycle.acquire(self.client, self.exp_id, lifecycle.RunSpec(
             "level", level_tags["sdd.config_hash"], f"level {level}", level_tags, parent_run_id=self.chain_id,
             scope_parent=self.chain_id, adopt_project_run=False, resume_artifact=LEVEL_RESUME_ARTIFACT))
-        level_id = lease.run_id
-        logged = -1 if lease.is_new else tracking.last_logged_step(self.client, level_id)
-        level_logger = tracking.MetricLogger(self.client, level_id, skip_through=logged)
-        every = cfg.eval_every
+        logged = -1 if lease.is_new else tracking.last_logged_step(self.client, lease.run_id)
+        resume = stack.enter_context(lease.running())
+        return LevelWork(self, level, lease.run_id, masks, float_masks, generator, after_prune, level_start,
+                         tracking.MetricLogger(self.client, lease.run_id, skip_through=logged), resume, t0)
 
-        def on_epoch(epoch: int, loss: float) -> None:
-            if every and epoch % every == 0 and epoch != self.recipe.epochs:
-                level_logger.log(evaluate_all(model, self.problem, self.init), epoch)
-            faults.reach(f"level-{level}-epoch-{epoch}", level_id)
-            self.progress.update((level - 1) * self.recipe.epochs + epoch, level=f"{level}/{self.levels}", loss=loss)
+    def on_level_epoch(self, work: LevelWork, epoch: int, loss: float) -> None:
+        every = self.cfg.eval_every
+        if every and epoch % every == 0 and epoch != self.recipe.epochs:
+            work.logger.log(evaluate_all(self.model, self.problem, self.init), epoch)
+        faults.reach(f"level-{work.level}-epoch-{epoch}", work.run_id)
+        self.progress.update((work.level - 1) * self.recipe.epochs + epoch, level=f"{work.level}/{self.levels}",
+                             loss=loss)
 
-        def snapshot(state: dict) -> None:
-            level_logger.flush()  # metrics first: a continued level skips the steps already logged
-            tracking.log_training_state(self.client, level_id, state, LEVEL_RESUME_ARTIFACT)
-            faults.reach(f"level-{level}-saved-{state['epoch']}", level_id)
+    def level_snapshot(self, work: LevelWork, state: dict) -> None:
+        work.logger.flush()  # metrics first: a continued level skips the steps already logged
+        tracking.log_training_state(self.client, work.run_id, state, LEVEL_RESUME_ARTIFACT)
+        faults.reach(f"level-{work.level}-saved-{state['epoch']}", work.run_id)
 
-        with lease.running() as resume:
-            fitted = fit(model, self.problem.splits.x_train, self.problem.splits.y_train, self.recipe,
-                         masks=float_masks, weights=weights, loss_fn=self.loss_fn, generator=generator,
-                         on_epoch=on_epoch, resume=resume, snapshot=snapshot, snapshot_every=cfg.resume_every,
-                         snapshot_epochs=faults.snapshot_epochs(), pad_fill=self.problem.splits.black)
-            metrics = self._measure(model, level_start)
-            metrics["converged"] = float(converged(fitted.epoch_losses, metrics.get("train_acc")))
-            self.client.set_tag(level_id, "sdd.converged", "true" if metrics["converged"] else "false")
-            metrics.update({f"pruned_{k}": after_prune[k] for k in ("train_acc", "val_acc", "test_acc")
-                            if k in after_prune})
-            metrics["level_time_s"] = time.monotonic() - t0
-            level_logger.log(metrics, self.recipe.epochs)  # a level run's x axis is its retraining epoch
-            level_logger.flush()
-            tracking.log_sparse_state(self.client, level_id, model.state_dict(), masks, "level/weights.pt")
-        logger.log({k: metrics[k] for k in names.CHAIN_METRICS if k in metrics}, level)
-        logger.flush()
-        faults.reach(f"level-{level}-done", level_id)
+    def fit_level(self, work: LevelWork) -> FitResult:
+        """Retrain this chain's level alone (a seed pack retrains several: `run_prune_pack`)."""
+        return fit(self.model, self.problem.splits.x_train, self.problem.splits.y_train, self.recipe,
+                   masks=work.float_masks, weights=self.weights, loss_fn=self.loss_fn, generator=work.generator,
+                   on_epoch=lambda epoch, loss: self.on_level_epoch(work, epoch, loss), resume=work.resume,
+                   snapshot=lambda state: self.level_snapshot(work, state), snapshot_every=self.cfg.resume_every,
+                   snapshot_epochs=faults.snapshot_epochs(), pad_fill=self.problem.splits.black)
+
+    def record_level(self, work: LevelWork, fitted: FitResult) -> None:
+        """The retrained level's measures, metrics and weights, into its run (still open)."""
+        metrics = self._measure(self.model, work.level_start)
+        metrics["converged"] = float(converged(fitted.epoch_losses, metrics.get("train_acc")))
+        self.client.set_tag(work.run_id, "sdd.converged", "true" if metrics["converged"] else "false")
+        metrics.update({f"pruned_{k}": work.after_prune[k] for k in ("train_acc", "val_acc", "test_acc")
+                        if k in work.after_prune})
+        metrics["level_time_s"] = time.monotonic() - work.started
+        work.logger.log(metrics, self.recipe.epochs)  # a level run's x axis is its retraining epoch
+        work.logger.flush()
+        tracking.log_sparse_state(self.client, work.run_id, self.model.state_dict(), work.masks, "level/weights.pt")
+        work.metrics = metrics
+
+    def close_level(self, work: LevelWork) -> None:
+        """After the level's run finished: the chain's point for it, and on to the next level."""
+        metrics, level = work.metrics, work.level
+        self.logger.log({k: metrics[k] for k in names.CHAIN_METRICS if k in metrics}, level)
+        self.logger.flush()
+        faults.reach(f"level-{level}-done", work.run_id)
         log.info("%s level %d/%d: sparsity %.4f test_acc %.4f (pruned %.4f) noisy-fit %s (%.1fs)",
                  self.chain_id[:8], level, self.levels, metrics["sparsity"], metrics["test_acc"],
                  metrics["pruned_test_acc"], f"{metrics.get('train_acc_noisy', float('nan')):.3f}",
                  metrics["level_time_s"])
-        return metrics, masks
+        self.masks = work.masks
+        self.history.append(metrics)
+        self.stop = self._early_stop(self.history)
+        self.level += 1
 
     def _gradient_batches(self, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The training batches a data-dependent criterion scores on, in the dense run's batch size."""

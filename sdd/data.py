@@ -10,12 +10,15 @@ the one place a dataset is added.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import logging
 import os
 import pickle
+import tempfile
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -195,12 +198,142 @@ def _interpolate(x: np.ndarray, lengths: np.ndarray, size: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _mnist1d_raw(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `num_samples` samples of one MNIST-1D stream, before standardisation (read-only, cached).
+    """The first `num_samples` samples of one MNIST-1D stream, before standardisation (read-only), cached
+    in the process and on disk (`mnist1d_cache_dir()`): every Ray worker and chain process would
+    otherwise import mnist1d and scipy and generate them again."""
+    folder = mnist1d_cache_dir()
+    version = _mnist1d_generator_version()
+    path = folder / f"{version}-s{seed}-n{num_samples}.npz"
+    cached = _read_mnist1d_entry(path, num_samples, seed, version, exact=True)
+    if cached is None and not path.exists():  # a bad entry is written again below, not bypassed
+        cached = _mnist1d_prefix(folder, num_samples, seed, version)
+    if cached is not None:
+        return cached
+    x, y = _generate_mnist1d(num_samples, seed)
+    _write_mnist1d_entry(path, x, y, seed, version)
+    return x, y
+
+
+_MNIST1D_CACHE_FORMAT = 1  # bump when the layout of a cache file changes
+_UNWRITABLE_CACHE_WARNED: set[Path] = set()
+
+
+def mnist1d_cache_dir() -> Path:
+    """The folder of cached MNIST-1D arrays: `$SDD_CACHE_DIR/mnist1d`, else `$XDG_CACHE_HOME/sdd/mnist1d`,
+    else `~/.cache/sdd/mnist1d` (read when called, so a changed environment takes effect)."""
+    root = os.environ.get("SDD_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "mnist1d"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sdd" / "mnist1d"
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_generator_version() -> str:
+    """A digest of everything the generated arrays depend on besides (num_samples, seed): the generator's
+    code and constants, the releases of mnist1d (transform arguments, templates), numpy and scipy, and
+    the file format. A change of any gives new cache entries instead of stale ones. Read without
+    importing mnist1d or scipy, which a cache hit saves."""
+    import importlib.metadata
+    import inspect
+    import marshal
+
+    def code(function: Callable[..., Any]) -> str:
+        try:
+            return inspect.getsource(function)
+        except OSError:  # installed without sources: the bytecode changes with the code too
+            return marshal.dumps(function.__code__).hex()
+
+    parts = [str(_MNIST1D_CACHE_FORMAT), str(_MNIST1D_LENGTH), str(_MNIST1D_CLASSES),
+             code(_generate_mnist1d), code(_interpolate),
+             *(f"{dist}=={importlib.metadata.version(dist)}" for dist in ("mnist1d", "numpy", "scipy"))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _mnist1d_digest(x: np.ndarray, y: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes() + np.ascontiguousarray(y).tobytes()).hexdigest()
+
+
+def _read_mnist1d_entry(path: Path, num_samples: int, seed: int, version: str, *, exact: bool
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first `num_samples` samples of the cache file at `path` (which holds `num_samples` of them if
+    `exact`, at least as many otherwise), or None if it is missing, unreadable or fails verification."""
+    try:
+        # No pickles: a cache file holds plain arrays only, so a planted file cannot run code.
+        with np.load(path, allow_pickle=False) as entry:
+            x, y, digest = entry["x"], entry["y"], str(entry["sha256"])
+            stored = (int(entry["num_samples"]), int(entry["seed"]), str(entry["version"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, EOFError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+        # zipfile reports a truncated file or a bad CRC, numpy a garbled header, int() a field that is not
+        # a scalar, a missing field KeyError.
+        logger.warning("MNIST-1D cache: %s is unreadable (%s: %s); generating it again", path,
+                       type(exc).__name__, exc)
+        return None
+    n = stored[0]
+    problem = None
+    if stored[1:] != (seed, version) or (n != num_samples if exact else n < num_samples):
+        problem = f"it holds {n} samples of stream {stored[1]} (generator {stored[2]})"
+    elif x.shape != (n, _MNIST1D_LENGTH) or x.dtype != np.float64 or y.shape != (n,) or y.dtype != np.int64:
+        problem = f"it holds x {x.dtype} {x.shape}, y {y.dtype} {y.shape}"
+    elif _mnist1d_digest(x, y) != digest:
+        problem = "its arrays do not match their sha256"
+    if problem:
+        logger.warning("MNIST-1D cache: %s is not %d samples of stream %d (generator %s): %s; generating them "
+                       "again", path, num_samples, seed, version, problem)
+        return None
+    x, y = x[:num_samples], y[:num_samples]
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
+
+
+def _mnist1d_prefix(folder: Path, num_samples: int, seed: int, version: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first `num_samples` samples of the smallest longer cached entry of the same stream, if any: a
+    stream's first n samples do not depend on how many are generated (see `_generate_mnist1d`)."""
+    sizes = []
+    for path in folder.glob(f"{version}-s{seed}-n*.npz"):
+        size = path.stem.rpartition("-n")[2]
+        if size.isdigit() and int(size) > num_samples:
+            sizes.append((int(size), path))
+    for _, path in sorted(sizes):
+        found = _read_mnist1d_entry(path, num_samples, seed, version, exact=False)
+        if found is not None:
+            return found
+    return None
+
+
+def _write_mnist1d_entry(path: Path, x: np.ndarray, y: np.ndarray, seed: int, version: str) -> None:
+    """Write the cache file atomically: a temporary file in the same folder, then os.replace, so readers
+    and concurrent writers of the same entry only ever see a whole file. An unwritable cache folder
+    costs a warning (once per folder), never the run."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                np.savez(file, x=x, y=y, sha256=np.array(_mnist1d_digest(x, y)), num_samples=np.array(len(x)),
+                         seed=np.array(seed), version=np.array(version))
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    except OSError as exc:
+        if path.parent not in _UNWRITABLE_CACHE_WARNED:
+            _UNWRITABLE_CACHE_WARNED.add(path.parent)
+            logger.warning("MNIST-1D cache: cannot write %s (%s); generating without a cache (set SDD_CACHE_DIR "
+                           "to a writable folder)", path.parent, exc)
+
+
+def _generate_mnist1d(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `num_samples` samples of one MNIST-1D stream, before standardisation (read-only).
 
     Sample i is digit i % 10 put through Greydanus' `mnist1d.transform.transform` with the random
     draws it would take from `np.random.seed(seed)`, in the same order; the arithmetic is batched
-    (the per-sample scipy calls took ~1 ms each). Sample i depends only on the stream's first i
-    samples, so a longer split extends a shorter one.
+    (the per-sample scipy calls took ~1 ms each) and row by row. Sample i depends only on the stream's
+    first i samples, so a longer split extends a shorter one, bit for bit.
     """
     # Imported here: mnist1d pulls in matplotlib, scipy and requests (~1.5 s) that other datasets never need.
     from mnist1d.data import get_dataset_args, get_templates

@@ -79,15 +79,17 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
     `sdd.tracking.experiment_id`); `parent_run_id` nests the run (e.g. under a sweep stage).
     """
     return run_train_pack([cfg], tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent_run_id,
-                          extra_tags=extra_tags)[0]
+                          extra_tags=[extra_tags or {}])[0]
 
 
 def run_train_pack(cfgs: Sequence[TrainConfig], *, tracking_uri: str | None = None, experiment: str | None = None,
-                   parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> list[StepResult]:
+                   parent_run_id: str | None = None,
+                   extra_tags: Sequence[dict[str, str]] | None = None) -> list[StepResult]:
     """Train the dense models of configs that differ only in their seed as one seed pack
-    (`sdd.packs.fit_pack`): each one is its own MLflow run, exactly as `run_train` would make it,
-    reused when finished and continued from its own resume checkpoint when a process died. Members
-    that resume from different epochs train in packs of their own (one alone trains by `fit`).
+    (`sdd.packs.fit_pack`): each one is its own MLflow run (with its `extra_tags`), exactly as
+    `run_train` would make it, reused when finished and continued from its own resume checkpoint when
+    a process died. Members that resume from different epochs train in packs of their own (one alone
+    trains by `fit`).
     """
     for cfg in cfgs:
         cfg.validate()
@@ -101,8 +103,8 @@ def run_train_pack(cfgs: Sequence[TrainConfig], *, tracking_uri: str | None = No
     if first.distill.teacher:
         teacher = load_teacher(client, first.distill.teacher, problems[0].splits.input_shape,
                                problems[0].splits.num_classes, device)
-    leases = [_lease(cfg, client, exp_id, problem, teacher, parent_run_id, extra_tags)
-              for cfg, problem in zip(cfgs, problems)]
+    leases = [_lease(cfg, client, exp_id, problem, teacher, parent_run_id, tags)
+              for cfg, problem, tags in zip(cfgs, problems, extra_tags or [{}] * len(cfgs))]
     results: list[StepResult | None] = [StepResult(lease.run_id, True, dict(lease.finished.data.metrics))
                                         if lease.reused else None for lease in leases]
     todo = [i for i, lease in enumerate(leases) if not lease.reused]
@@ -172,7 +174,7 @@ class _DenseRun:
             self.loss_fn = distillation_loss(teacher, problem.splits.x_train, cfg.distill.alpha,
                                              cfg.distill.temperature, cfg.data.augment)
         self.generator = torch.Generator(device=problem.device).manual_seed(cfg.optim.seed)
-        self.every = cfg.effective_eval_every()
+        self.eval_epochs = cfg.eval_epochs()
         if resume is None:
             self._log_start()
 
@@ -200,7 +202,7 @@ class _DenseRun:
             tracking.log_state(self.client, self.run_id, self.model.state_dict(), f"checkpoints/step_{step}.pt")
 
     def on_epoch(self, epoch: int) -> None:
-        if epoch % self.every == 0 and epoch != self.cfg.optim.epochs:  # the final evaluation follows fit()
+        if epoch in self.eval_epochs and epoch != self.cfg.optim.epochs:  # the final evaluation follows fit()
             self.logger.log(evaluate_all(self.model, self.problem, self.init), epoch)
         if epoch in self.cfg.save_epochs:
             tracking.log_state(self.client, self.run_id, self.model.state_dict(), f"checkpoints/epoch_{epoch}.pt")

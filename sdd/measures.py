@@ -12,47 +12,71 @@ from torch import nn
 EVAL_BATCH = 4096
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
-    """Logits of `x` in large batches, eval mode, no autograd (float32 on x's device)."""
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block, then back in the mode it was in."""
     was_training = model.training
     model.eval()
     try:
-        outs = [model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        yield
     finally:
         model.train(was_training)
+
+
+def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits of `x` in batches of `batch_size` (float32); the caller holds eval and inference mode."""
+    outs = [model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
     if not outs:
         return torch.empty(0, device=x.device)
     return torch.cat(outs)
 
 
-def loss_and_acc(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    if len(y) == 0:
-        return float("nan"), float("nan")
-    loss = F.cross_entropy(logits, y).item()
-    acc = (logits.argmax(1) == y).float().mean().item()
-    return loss, acc
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Logits of `x` in large batches, eval mode, no autograd (float32 on x's device)."""
+    with _eval_mode(model):
+        return _logits(model, x, batch_size)
 
 
+@torch.inference_mode()
 def split_metrics(model: nn.Module, data, noisy_mask: torch.Tensor) -> dict[str, float]:
     """Every per-evaluation measure of design.md, from one forward pass per split.
 
     `data` is a `sdd.data.Splits` whose `y_train` holds the labels trained on (noisy);
-    `noisy_mask` marks the samples whose label was corrupted.
+    `noisy_mask` marks the samples whose label was corrupted. Train and test metrics are NaN for an
+    empty split; val metrics and the clean/noisy accuracies are left out when their subset is empty.
     """
-    out: dict[str, float] = {}
-    logits = predict(model, data.x_train)
-    out["train_loss"], out["train_acc"] = loss_and_acc(logits, data.y_train)
-    correct = logits.argmax(1) == data.y_train
-    clean = ~noisy_mask
-    if clean.any():
-        out["train_acc_clean"] = correct[clean].float().mean().item()
-    if noisy_mask.any():
-        out["train_acc_noisy"] = correct[noisy_mask].float().mean().item()
-    if len(data.y_val):
-        out["val_loss"], out["val_acc"] = loss_and_acc(predict(model, data.x_val), data.y_val)
-    out["test_loss"], out["test_acc"] = loss_and_acc(predict(model, data.x_test), data.y_test)
-    return out
+    labels = {"train": data.y_train, "val": data.y_val, "test": data.y_test}
+    inputs = {"train": data.x_train, "val": data.x_val, "test": data.x_test}
+    with _eval_mode(model):
+        logits = {name: _logits(model, inputs[name], EVAL_BATCH) for name, y in labels.items() if len(y)}
+    # Every scalar stays on the device until one transfer at the end: an .item() per metric would wait
+    # for the device once per metric.
+    scalars: dict[str, torch.Tensor] = {}
+    for name, out in logits.items():
+        y = labels[name]
+        correct = out.argmax(1) == y
+        scalars[f"{name}_loss"] = F.cross_entropy(out, y)
+        scalars[f"{name}_correct"] = correct.sum()
+        if name == "train":
+            scalars["train_noisy"] = noisy_mask.sum()
+            scalars["train_correct_noisy"] = (correct & noisy_mask).sum()
+    host = dict(zip(scalars, torch.stack([v.double() for v in scalars.values()]).tolist())) if scalars else {}
+
+    nan = float("nan")
+    metrics: dict[str, float] = {}
+    for name, y in labels.items():
+        if name == "val" and not len(y):
+            continue
+        metrics[f"{name}_loss"] = host.get(f"{name}_loss", nan)
+        metrics[f"{name}_acc"] = host[f"{name}_correct"] / len(y) if len(y) else nan
+        if name == "train" and len(y):
+            noisy = int(host["train_noisy"])
+            if noisy < len(y):
+                metrics["train_acc_clean"] = (host["train_correct"] - host["train_correct_noisy"]) / (len(y) - noisy)
+            if noisy:
+                metrics["train_acc_noisy"] = host["train_correct_noisy"] / noisy
+    return metrics
 
 
 @contextlib.contextmanager
@@ -104,11 +128,13 @@ def activation_entropy(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL
 
 def learning_distance(weights: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
     """L2 distance between two sets of prunable weights (He et al.'s learning distance)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for name, w in weights.items():
-        diff = w.detach().double() - reference[name].to(w.device, torch.float64)
-        total = total + diff.pow(2).sum().cpu()
-    return total.sqrt().item()
+    squares = [(w.detach().double() - reference[name].to(w.device, torch.float64)).pow(2).sum()
+               for name, w in weights.items()]
+    if not squares:
+        return 0.0
+    # Summed on the weights' device (in layer order, as before) and moved once: a transfer per layer
+    # would wait for the device each time.
+    return sum(squares[1:], start=squares[0]).sqrt().item()
 
 
 @torch.no_grad()

@@ -42,26 +42,40 @@ Masks = Mapping[str, torch.Tensor]
 # statistics are stacked buffers, updated in place per member inside the vmap.
 PACKABLE_MODELS = ("mlp", "cnn1d", "cnn5", "lenet")
 
-# The measured rule (`sdd bench`, seed packs vs separate trainings, README "Performance"). On a CPU a
-# pack only pays where the separate trainings are dominated by per-step overhead: minibatches of a
-# small fully connected or 1-D convolutional model, where the pack does the work of K Python steps in
-# one (mlp and cnn1d at batch 128: 1.2-1.4x for 3 seeds). A full-batch MLP step is one large GEMM per
-# layer already, and a vmapped Conv2d becomes a grouped convolution that the CPU runs slower than K
-# plain ones (cnn5 width 8: 0.8x). On a GPU a small model leaves the device idle, so a pack pays for any
-# packable model up to GPU_PACK_MAX_PARAMS.
-CPU_PACKABLE_MODELS = ("mlp", "cnn1d", "lenet")
-CPU_PACK_MAX_PARAMS = 200_000
+# The measured rule (`sdd bench` item 7, seed packs vs separate trainings; README "Performance"). On a CPU a
+# pack only pays where the separate trainings are dominated by per-step overhead: minibatches of a tiny
+# fully connected or 1-D convolutional model, where the pack does the work of K Python steps in one (on
+# this project's 2-core machines, K = 5 at batch 100-128: mlp widths 8-32 2.0-2.4x, cnn1d width 8-16
+# 1.7-2.2x). Once the model's own arithmetic dominates the step, the pack's batched matmuls are no
+# faster than K plain ones (K = 3: mlp width 256, 13k parameters, 0.9x; LeNet-300-100 0.94x; cnn1d
+# width 64, 28k parameters, 1.08x); a full-batch step is one large GEMM per layer already, and a vmapped
+# Conv2d becomes a grouped convolution the CPU runs slower than K plain ones (cnn5 width 8: 0.8x). On a
+# GPU a small model leaves the device idle, so a pack pays for any packable model up to
+# GPU_PACK_MAX_PARAMS.
+# A pack is worth choosing only for a clear gain: it turns K trials into one, so on a machine with more
+# cores than packs it gives up parallelism, and gains within ~20% flip sign with the machine's load
+# (full-batch MLPs measured 0.75-1.18x from run to run). The benchmark counts auto's choice right when it
+# packs exactly the cases measured at least this much faster.
+WORTHWHILE_GAIN = 1.2
+CPU_PACKABLE_MODELS = ("mlp", "cnn1d")
+CPU_PACK_MAX_PARAMS = 10_000
 GPU_PACK_MAX_PARAMS = 2_000_000
 
 
 def pack_pays(model: ModelConfig, optim: OptimConfig, num_params: int, train_size: int, device: torch.device) -> bool:
     """Whether training several seeds of this config as one pack is faster than one after another."""
-    if model.model not in PACKABLE_MODELS:
+    if not pack_may_pay(model, optim, device):
         return False
     if device.type == "cuda":
         return num_params <= GPU_PACK_MAX_PARAMS
-    minibatch = bool(optim.batch_size) and optim.batch_size < train_size
-    return model.model in CPU_PACKABLE_MODELS and minibatch and num_params <= CPU_PACK_MAX_PARAMS
+    return optim.batch_size < train_size and num_params <= CPU_PACK_MAX_PARAMS
+
+
+def pack_may_pay(model: ModelConfig, optim: OptimConfig, device: torch.device) -> bool:
+    """The part of `pack_pays` that needs neither the data nor the model's size (a planner asks it first)."""
+    if device.type == "cuda":
+        return model.model in PACKABLE_MODELS
+    return model.model in CPU_PACKABLE_MODELS and bool(optim.batch_size)
 
 
 class Pack:

@@ -73,13 +73,18 @@ def tracking_uri() -> str:
 _READY_STORES: set[str] = set()
 
 
-def get_client(uri: str | None = None) -> MlflowClient:
+def get_client(uri: str | None = None, *, schema_ready: bool = False) -> MlflowClient:
     """A client of the store; a new sqlite store's schema is created by one process at a time.
 
     MLflow migrates a fresh sqlite database on first use; several trials doing that at once fail
     ("Online migration expected to match one row"), so the first use is serialised by a file lock.
+    `schema_ready`: the caller knows the schema is complete (a sweep's driver made the store before any
+    trial started), so this process skips the lock, now and in later calls for `uri`: a sweep's workers
+    would otherwise wait for each other there, one client set-up at a time.
     """
     uri = uri or tracking_uri()
+    if schema_ready:
+        _READY_STORES.add(uri)
     if not uri.startswith("sqlite:///") or uri in _READY_STORES:
         return MlflowClient(tracking_uri=uri)
     lock_path = Path(uri[len("sqlite:///"):]).with_suffix(".lock")

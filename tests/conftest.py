@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ["RAY_AUTH_MODE"] = "disabled"
 # As the CLI sets it (MLflow's download bars would land in the steps' captured stderr).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Generated MNIST-1D arrays are cached on disk (sdd.data): one temporary cache for the whole session, never
+# the user's ~/.cache. Set in the environment, so xdist workers (they inherit the controller's), Ray workers
+# and the CLI subprocesses the tests start all use it.
+if not (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("SDD_CACHE_DIR")):
+    os.environ["SDD_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdd-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SDD_CACHE_DIR"], ignore_errors=True)
 
 # The longest an awaited event (a server up, a reaper done, a subprocess finished) may take on a machine
 # five times slower than ours; every wait ends as soon as its event happens, so this only bounds a hang.

@@ -150,3 +150,32 @@ def test_identical_steps_started_at_once_make_one_run(tmp_path):
             assert all(r.info.status == "FINISHED" for group in runs.values() for r in group), uri
     finally:
         stop_group(server)
+
+
+def test_a_store_known_to_be_ready_skips_the_migration_lock(tmp_path, empty_store):
+    """A sweep's workers open a store its driver made: they must not queue on the lock that serialises a new
+    store's migration (one client set-up at a time), while a process that knows nothing still takes it."""
+    import fcntl
+    import shutil
+    import threading
+
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    got: dict[str, object] = {}
+
+    def open_client(key: str, **kwargs) -> None:
+        got[key] = tracking.get_client(uri, **kwargs)
+
+    with open(tmp_path / "mlflow.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as another process setting the store up would
+        unknown = threading.Thread(target=open_client, args=("unknown",), daemon=True)
+        unknown.start()
+        unknown.join(1.0)
+        assert "unknown" not in got  # waits for the lock
+        ready = threading.Thread(target=open_client, args=("ready",), kwargs={"schema_ready": True}, daemon=True)
+        ready.start()
+        ready.join(10.0)
+        assert "ready" in got
+        got["ready"].search_experiments(max_results=1)
+    unknown.join(10.0)
+    assert "unknown" in got

@@ -77,3 +77,16 @@ def test_parse_value_rejects(tp, text):
 def test_validation_rejects_bad_values(cfg):
     with pytest.raises(UsageError):
         cfg.validate()
+
+
+def test_the_default_evaluation_schedule_is_log_spaced_and_ends_at_the_last_epoch():
+    from sdd.config import EVAL_POINTS, OptimConfig, TrainConfig
+
+    for epochs in (1, 7, 40, 1000, 5000):
+        chosen = sorted(TrainConfig(optim=OptimConfig(epochs=epochs)).eval_epochs())
+        assert chosen[0] == 1 and chosen[-1] == epochs and len(chosen) <= EVAL_POINTS
+        assert len(chosen) == min(epochs, len(chosen))  # every epoch of a short run
+    long = sorted(TrainConfig(optim=OptimConfig(epochs=1000)).eval_epochs())
+    assert 30 <= len(long) <= EVAL_POINTS and long[:5] == [1, 2, 3, 4, 5]
+    assert sum(e <= 100 for e in long) >= len(long) // 2  # half the points in the first 10% of training
+    assert TrainConfig(optim=OptimConfig(epochs=100), eval_every=30).eval_epochs() == {30, 60, 90, 100}

@@ -58,6 +58,47 @@ def test_split_metrics_separates_clean_and_noisy_subsets():
     assert m["val_acc"] == 1.0 and m["test_acc"] == 0.5
 
 
+
+def test_split_metrics_equal_a_plain_computation_on_an_mlp_with_noisy_labels(monkeypatch):
+    from sdd import measures
+    from sdd.data import Splits
+    from sdd.noise import apply_label_noise
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(700, 8, generator=g)
+    clean = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    y_train, noisy_idx = apply_label_noise(clean[:400], 0.3, "symmetric", 4, seed=1)
+    noisy = torch.zeros(400, dtype=torch.bool)
+    noisy[noisy_idx] = True
+    data = Splits(x[:400], y_train, x[400:500], clean[400:500], x[500:], clean[500:], 4, (8,))
+    torch.manual_seed(0)
+    # BatchNorm and dropout: the metrics must be those of eval mode.
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4))
+    with torch.no_grad():  # BatchNorm's running statistics away from their initial values
+        model(data.x_train + 1.0)
+
+    model.eval()
+    with torch.no_grad():
+        expected = {}
+        for name, xs, ys in (("train", data.x_train, y_train), ("val", data.x_val, data.y_val),
+                             ("test", data.x_test, data.y_test)):
+            logits = model(xs)
+            expected[f"{name}_loss"] = nn.functional.cross_entropy(logits, ys).item()
+            expected[f"{name}_acc"] = (logits.argmax(1) == ys).float().mean().item()
+            if name == "train":
+                hit = logits.argmax(1) == ys
+                expected["train_acc_clean"] = hit[~noisy].float().mean().item()
+                expected["train_acc_noisy"] = hit[noisy].float().mean().item()
+    model.train()
+    assert 0 < expected["train_acc_noisy"] < 1 and 0 < expected["train_acc_clean"] < 1
+
+    monkeypatch.setattr(measures, "EVAL_BATCH", 64)  # several batches per split
+    got = split_metrics(model, data, noisy)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert math.isclose(got[key], value, abs_tol=1e-6), key
+    assert model.training  # the mode it was in
+
 def test_forward_flops_counts_nonzero_weights_per_use():
     model = nn.Sequential(nn.Conv1d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(20, 4))
     with torch.no_grad():

@@ -1,6 +1,8 @@
 """Seed packs: K seeds trained as one batched model reproduce K separate trainings, seed for seed."""
 
 import copy
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -89,10 +91,11 @@ def test_a_pack_member_continues_alone_from_its_pack_snapshot():
         assert _max_difference(a, b) < TOLERANCE
 
 
-def test_packed_runs_are_the_runs_training_alone_makes(tmp_path, monkeypatch):
+def test_packed_runs_are_the_runs_training_alone_makes(tmp_path, monkeypatch, empty_store):
     configs = [tiny_train(seed=s, epochs=8, batch_size=100) for s in (0, 1)]
     stores = {}
     for how in ("alone", "packed"):
+        shutil.copy(empty_store, tmp_path / f"{how}.db")  # a migrated store: creating one costs seconds
         uri = f"sqlite:///{tmp_path / how}.db"
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         results = [run_train(c) for c in configs] if how == "alone" else run_train_pack(configs)
@@ -131,3 +134,40 @@ def test_the_auto_rule_packs_only_where_the_benchmark_measured_a_gain():
     assert not pack_pays(cnn5, minibatch, 100_000, 2000, cpu)
     assert pack_pays(cnn5, minibatch, 100_000, 2000, cuda)
     assert not pack_pays(ModelConfig(model="resnet18", width=8), minibatch, 100_000, 2000, cuda)
+
+
+def test_packed_chains_are_the_chains_pruned_alone(store):
+    """Two chains (seed s pruning the dense parent of seed s) each alone, then again (forced) as one pack:
+    the same level runs, masks and metrics, to 1e-5."""
+    from sdd.chain import run_prune, run_prune_pack
+    from sdd.config import PruneConfig
+
+    dense = run_train_pack([tiny_train(seed=s, epochs=10, batch_size=100) for s in (0, 1)])
+    cfgs = [PruneConfig(parent=d.run_id, seed=s, levels=2, epochs=4, rate=0.5, register=False)
+            for s, d in zip((0, 1), dense)]
+    alone_ids = [run_prune(c).run_id for c in cfgs]
+    pack_ids = [r.run_id for r in run_prune_pack([replace(c, force=True) for c in cfgs])]
+    assert not set(alone_ids) & set(pack_ids)
+    alone_client = pack_client = tracking.get_client()
+
+    def levels(client, chain_id):
+        runs = tracking.search(client, tracking.get_run(client, chain_id).info.experiment_id,
+                               tags={"sdd.step": "level"}, parent=chain_id)
+        return sorted(runs, key=lambda r: int(r.data.tags["sdd.level"]))
+
+    for alone_id, pack_id in zip(alone_ids, pack_ids):
+        alone_levels, pack_levels = levels(alone_client, alone_id), levels(pack_client, pack_id)
+        assert len(alone_levels) == len(pack_levels) == 2
+        for a, p in zip(alone_levels, pack_levels):
+            assert p.data.tags["sdd.pack_size"] == "2" and "sdd.pack_size" not in a.data.tags
+            for key in ("test_acc", "val_acc", "train_acc_noisy", "sparsity", "learning_distance_level", "entropy"):
+                assert p.data.metrics[key] == pytest.approx(a.data.metrics[key], abs=TOLERANCE), key
+            _, alone_masks = tracking.load_sparse_artifact(alone_client, a.info.run_id, "level/weights.pt")
+            _, pack_masks = tracking.load_sparse_artifact(pack_client, p.info.run_id, "level/weights.pt")
+            assert all(torch.equal(alone_masks[k], pack_masks[k]) for k in alone_masks)
+        for key in ("test_acc", "sparsity"):
+            assert [m.value for m in pack_client.get_metric_history(pack_id, key)] == pytest.approx(
+                [m.value for m in alone_client.get_metric_history(alone_id, key)], abs=TOLERANCE)
+    with pytest.raises(UsageError, match="differ in levels"):
+        run_prune_pack([PruneConfig(parent=pack_ids[0], seed=0, levels=2),
+                        PruneConfig(parent=pack_ids[1], seed=1, levels=3)])

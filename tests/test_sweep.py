@@ -460,3 +460,58 @@ def test_unreachable_ray_address_exits_2(store, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("sdd: error: Ray at 127.0.0.1:")
     assert all_runs(store) == []
 
+
+
+PACKED = """
+name: packed
+stages:
+  dense:
+    recipe: {dataset: mnist1d, model: mlp, train_size: 200, test_size: 100, val_size: 50, noise: 0.2,
+             epochs: 20, lr: 0.01, batch_size: 50, eval_every: 10, device: cpu}
+    grid: {width: [8, 32], seed: [0, 1, 2]}
+    pack_seeds: PACK
+"""
+
+
+@pytest.mark.parametrize("setting,sizes", [("true", [3, 3]), ("2", [2, 1, 2, 1]), ("false", [1] * 6),
+                                           ("auto", [3, 3])])  # auto: minibatches of a small MLP on a CPU
+def test_seed_packs_group_the_seeds_of_each_point(tmp_path, setting, sizes):
+    study = load_study(write_study(tmp_path, PACKED.replace("PACK", setting)))
+    plan = sweep_plan.plan_dense(None, study)
+    launches = sweep_plan.seed_packs(plan.trials, study.stages["dense"])
+    assert [len(members) for members in launches] == sizes
+    for members in launches:
+        assert len({t.config["width"] for t in members}) == 1
+        assert [t.config["seed"] for t in members] == sorted(t.config["seed"] for t in members)
+    full_batch = load_study(write_study(tmp_path, PACKED.replace("PACK", "auto").replace("batch_size: 50, ", ""),
+                                        "full.yaml"))
+    plan = sweep_plan.plan_dense(None, full_batch)
+    assert [len(m) for m in sweep_plan.seed_packs(plan.trials, full_batch.stages["dense"])] == [1] * 6
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_seed_packs_as_one_run_per_seed(ray_local, store, tmp_path, capsys):
+    path = write_study(tmp_path, PACKED.replace("PACK", "true"))
+    assert sdd_main("sweep", str(path), "--dry-run") == 0
+    assert capsys.readouterr().out.count("to run in a seed pack of 3") == 6
+    assert sdd_main("sweep", str(path), "--storage-path", str(tmp_path / "ray")) == 0
+    runs = all_runs(store)
+    (stage,) = by_step(runs, "sweep")
+    dense = by_step(runs, "train")
+    assert len(dense) == 6 and all(r.info.status == "FINISHED" for r in dense)
+    packs = {r.data.tags["sdd.pack_runs"] for r in dense}
+    assert len(packs) == 2 and all(r.data.tags["sdd.pack_size"] == "3" for r in dense)
+    for pack in packs:
+        members = [r for r in dense if r.data.tags["sdd.pack_runs"] == pack]
+        assert sorted(r.data.params["seed"] for r in members) == ["0", "1", "2"]
+        assert len({r.data.params["width"] for r in members}) == 1
+        assert {r.info.run_id for r in members} == set(pack.split(","))
+    for run in dense:
+        assert run.data.tags["mlflow.parentRunId"] == stage.info.run_id
+        assert run.data.tags["sdd.stage_run_id"] == stage.info.run_id
+    records = trials_json(store, stage.info.run_id)
+    assert all(set(r) == TRIAL_KEYS and r["status"] == "FINISHED" and r["attempts"] == 1 for r in records)
+    assert {r["run_id"] for r in records} == {r.info.run_id for r in dense}
+    # Each seed's run is the one training it alone would make: unpacked, the sweep reuses all six.
+    assert sdd_main("sweep", str(write_study(tmp_path, PACKED.replace("PACK", "false"), "alone.yaml"))) == 0
+    assert len(by_step(all_runs(store), "train")) == 6

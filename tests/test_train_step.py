@@ -33,7 +33,9 @@ def test_train_logs_the_full_record(store, tmp_path):
     model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
     assert int(run.data.params["num_params"]) == models.count_params(model) == 40 * 16 + 16 + 16 * 10 + 10
     history = client.get_metric_history(result.run_id, "test_acc")
-    assert sorted(m.step for m in history) == list(range(0, 41))  # epoch 0 (init) to 40, once each
+    # Epoch 0 (init), then the default schedule (log-spaced, every epoch early on) to 40, once each.
+    assert sorted(m.step for m in history) == [0, *sorted(cfg.eval_epochs())]
+    assert {1, 2, 3, 40} <= cfg.eval_epochs() and len(cfg.eval_epochs()) < 40
     for key in ("train_acc_clean", "train_acc_noisy", "val_acc", "learning_distance", "entropy", "nonzero_params"):
         assert key in run.data.metrics
     assert any(k.startswith("entropy/") for k in run.data.metrics)

@@ -30,12 +30,16 @@ class Size:
     images: int  # CIFAR-shaped random images
     image_epochs: tuple[int, int]
     image_models: tuple[tuple[str, int], ...]  # (model, width), timed with crop+flip
-    log_epochs: int  # epochs of the preset's recipe timed for the logging + evaluation share
+    log_epochs: int  # most epochs of the preset's recipe timed for the logging + evaluation share (its own if fewer)
     log_evaluations: int  # evaluations logged for log_batch vs log_metric
     artifact_models: tuple[tuple[str, int], ...]  # (model, width); "mlp" takes the preset's width
-    sweep_widths: tuple[int, ...]  # the sweep's grid: widths x seeds trials
+    sweep_widths: tuple[int, ...]  # the short trials' sweep: widths x seeds trials
     sweep_seeds: tuple[int, ...]
     sweep_epochs: int
+    # the sweep against N plain processes: the quick preset's dense grid (widths x seeds), scaled down
+    grid_widths: tuple[int, ...]
+    grid_seeds: tuple[int, ...]
+    grid_epochs: int
 
 
 SIZES: dict[str, Size] = {
@@ -44,17 +48,20 @@ SIZES: dict[str, Size] = {
                  image_models=(("cnn5", 8), ("resnet18", 8)),
                  log_epochs=2000, log_evaluations=100,
                  artifact_models=(("mlp", 0), ("cnn5", 8), ("resnet18", 8), ("resnet18", 64)),
-                 sweep_widths=(32, 64, 96, 128), sweep_seeds=(0, 1), sweep_epochs=2000),
+                 sweep_widths=(32, 64, 96, 128), sweep_seeds=(0, 1), sweep_epochs=2000,
+                 grid_widths=(8, 16, 24, 32, 48, 64, 96, 128), grid_seeds=(0, 1, 2), grid_epochs=1000),
     "quick": Size("quick", repeats=5, mlp_repeats=7, mnist_train=None, mnist_val=None, mnist_test=None,
                   full_batch_epochs=(60, 6), minibatch_epochs=(12, 4), images=384, image_epochs=(1, 1),
                   image_models=(("cnn5", 8), ("resnet18", 8)),
-                  log_epochs=200, log_evaluations=10,
+                  log_epochs=1000, log_evaluations=10,
                   artifact_models=(("mlp", 0), ("cnn5", 8), ("resnet18", 8), ("resnet18", 64)),
-                  sweep_widths=(32, 64, 96, 128), sweep_seeds=(0, 1), sweep_epochs=100),
+                  sweep_widths=(32, 64, 96, 128), sweep_seeds=(0, 1), sweep_epochs=100,
+                  grid_widths=(8, 16, 32, 64, 96, 128), grid_seeds=(0, 1), grid_epochs=300),
     "tiny": Size("tiny", repeats=1, mlp_repeats=1, mnist_train=200, mnist_val=50, mnist_test=100,
                  full_batch_epochs=(2, 1), minibatch_epochs=(1, 1), images=64, image_epochs=(1, 1), image_models=(("cnn5", 4), ("resnet18", 2)),
                  log_epochs=20, log_evaluations=3, artifact_models=(("mlp", 0), ("resnet18", 4)),
-                 sweep_widths=(8,), sweep_seeds=(0,), sweep_epochs=2),
+                 sweep_widths=(8,), sweep_seeds=(0,), sweep_epochs=2,
+                 grid_widths=(8,), grid_seeds=(0, 1), grid_epochs=2),
 }
 
 

@@ -53,6 +53,8 @@ def _show(value: float, unit: str) -> str:
         return f"{value:.3g} s"
     if unit == "ms":
         return f"{value:.3g} ms"
+    if unit == "cases":
+        return f"{value:.0f}"
     return f"{value:.3f}"
 
 
@@ -63,7 +65,7 @@ def format_table(report: Report) -> str:
         f"{env['threads']} torch thread(s), load average {env['load_average_start']} at start and "
         f"{env['load_average_end']} at the end; {report.seconds:.0f}s",
         "ratio = A / B as each row's measure names them: the median of the per-repeat ratios (A, B: their own "
-        "medians). Speed-ups of the project over its baseline (items 1, 3 log_batch, 4, 6) are oriented so that "
+        "medians). Speed-ups of the project over its baseline (items 1, 3 log_batch, 4, 6, 7) are oriented so that "
         "> 1 means the project is better; costs (items 2, 3 share, 5) meet their target at or below it. "
         "Absolute numbers move with the machine's load, ratios much less.",
         "",

@@ -11,6 +11,7 @@ from pathlib import Path
 from sdd.bench.context import Size, make_context
 from sdd.bench.loops import precision_and_layout, throughput_and_masking
 from sdd.bench.measure import torch_threads
+from sdd.bench.packs import cuda_seed_packs, seed_packs
 from sdd.bench.report import Report
 from sdd.bench.runs import artifact_bytes, logging_share, sweep_speedup
 
@@ -33,12 +34,18 @@ def run(size: Size | str = "full", *, workers: int = 0, threads: int = 1) -> Rep
         report.figures += logging_share(ctx)
         report.figures += artifact_bytes(ctx)
         report.figures += sweep_speedup(ctx)
+        report.figures += seed_packs(ctx)
         if device.type == "cuda":
             report.figures += precision_and_layout(ctx)
-            report.figures += sweep_speedup(ctx, gpu=0.25, item=6)
+            report.figures += sweep_speedup(ctx, gpu=0.25, item=6, against_plain=False)
         else:
             report.skipped.append({"item": 6, "reason": "no CUDA device: bf16 autocast, channels_last and GPU "
                                                         "sharing are measured on CUDA only"})
+        if device.type == "cuda":
+            report.figures += cuda_seed_packs(ctx)
+        else:
+            report.skipped.append({"item": 7, "reason": "no CUDA device: packs of 16 small models against 16 "
+                                                        "separate trainings are measured on CUDA only"})
     report.environment["load_average_end"] = round(os.getloadavg()[0], 1)
     report.seconds = time.perf_counter() - started
     report.figures.sort(key=lambda f: f.item)

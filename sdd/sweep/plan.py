@@ -8,6 +8,7 @@ run at once), so a sweep run again after a kill finishes only what is missing.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from sdd import config
 from sdd.errors import UsageError
 from sdd.steps import STEP_OF_STAGE, STEPS
 from sdd.sweep.lineage import TRIALS_ARTIFACT, Store, find_stage_run, read_trials
-from sdd.sweep.study_file import PARENT, AutoStart, Stage, StudyFile, TeacherSelector, parse_teacher, show_value
+from sdd.sweep.study_file import (AUTO_PACK, PARENT, AutoStart, Stage, StudyFile, TeacherSelector, parse_teacher,
+                                 show_value)
 
 
 @dataclass
@@ -34,10 +36,8 @@ class Trial:
     tags: dict[str, str] = field(default_factory=dict)
     # Resolved teacher run (distill / dense with a teacher): part of the run's config hash.
     teacher_run: str | None = None
-
-    def spec(self) -> dict[str, Any]:
-        return {"key": self.key, "step": self.step, "config": self.config, "cpu": self.cpu, "gpu": self.gpu,
-                "tags": self.tags}
+    # A chain's dense parent's flat config (what a seed pack of chains must share, less the seed).
+    dense_config: dict[str, Any] | None = None
 
 
 @dataclass
@@ -275,8 +275,10 @@ def plan_chains(store: Store, study: StudyFile, stage: str, study_run_id: str | 
                 teacher_run = _teacher_run(store, values["teacher"])
             key = start.label(dense) + (f" | {label}" if label else "")
             tags = {"sdd.start_role": start.role} if start.role else {}
-            plan.trials.append(_make_trial(spec, key, step.name, config.to_flat_dict(step.from_flat(values)),
-                                           start.result.width, tags, teacher_run))
+            trial = _make_trial(spec, key, step.name, config.to_flat_dict(step.from_flat(values)),
+                                start.result.width, tags, teacher_run)
+            trial.dense_config = start.result.config
+            plan.trials.append(trial)
     return plan
 
 
@@ -330,3 +332,66 @@ def covered_trials(store: Store, plan: Plan) -> dict[str, str]:
     """
     found = {t.key: finished_run(store, t) for t in plan.trials if not t.config.get("force")}
     return {k: v for k, v in found.items() if v}
+
+
+# --- seed packs ---------------------------------------------------------------------------------
+
+def seed_packs(trials: list[Trial], stage: Stage) -> list[list[Trial]]:
+    """The trials grouped into launches: trials whose configs differ only in their seed (and that ask
+    for the same resources) share one launch, a seed pack, as the stage's `pack_seeds` says; every
+    other trial is a launch of its own. Packs keep the stage's trial order."""
+    setting = stage.pack_seeds
+    step = STEP_OF_STAGE[stage.kind]
+    if setting is False or step.run_pack is None:
+        return [[t] for t in trials]
+    groups: dict[str, list[Trial]] = {}
+    for trial in trials:
+        # A chain's parent is the dense run of its seed: chains of one pack differ in both.
+        own = {k: v for k, v in trial.config.items() if k not in ("seed", "parent")}
+        parent = {k: v for k, v in (trial.dense_config or {}).items() if k != "seed"}
+        key = json.dumps({"config": own, "parent": parent, "cpu": trial.cpu, "gpu": trial.gpu,
+                          "teacher": trial.teacher_run}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(trial)
+    launches = []
+    for members in groups.values():
+        size = len(members)
+        if isinstance(setting, int) and not isinstance(setting, bool):
+            size = setting
+        elif setting == AUTO_PACK and not pack_pays_for(members[0]):
+            size = 1
+        launches += [members[i:i + size] for i in range(0, len(members), size)]
+    return launches
+
+
+def pack_pays_for(trial: Trial) -> bool:
+    """`sdd.packs.pack_pays` for a planned trial (a chain: for its dense parent's model and recipe, which
+    its levels retrain with), on the device its resources give it (a trial that reserves no GPU sees
+    none): the model is built on the meta device, for the shapes of its data."""
+    import torch
+
+    from sdd import models
+    from sdd.packs import pack_may_pay, pack_pays
+
+    cfg = STEP_OF_STAGE["dense"].from_flat(trial.dense_config or trial.config)
+    device = torch.device("cuda" if trial.gpu > 0 else "cpu")
+    if not pack_may_pay(cfg.model, cfg.optim, device):
+        return False
+    try:
+        input_shape, num_classes, train_size = _data_shapes(cfg.data)
+    except UsageError:  # data that cannot be read: the trial itself fails with the reason, alone
+        return False
+    with torch.device("meta"):
+        model = models.build_model(cfg.model.model, width=cfg.model.width, depth=cfg.model.depth,
+                                   input_shape=input_shape, num_classes=num_classes, maxpool=cfg.model.maxpool,
+                                   init=cfg.model.init)
+    return pack_pays(cfg.model, cfg.optim, models.count_params(model), train_size, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _data_shapes(data: config.DataConfig) -> tuple[tuple[int, ...], int, int]:
+    """Input shape, number of classes and training-set size of the data a config trains on."""
+    from sdd.data import load_dataset
+
+    splits = load_dataset(data.dataset, data_dir=data.data_dir, train_size=data.train_size, test_size=data.test_size,
+                          val_size=data.val_size, val_seed=data.val_seed, data_seed=data.data_seed)
+    return splits.input_shape, splits.num_classes, len(splits.y_train)

@@ -134,7 +134,8 @@ def _trial_resources(trial_config: dict[str, Any]) -> Any:
 
 
 def run_trial(trial_config: dict[str, Any]) -> None:
-    """The Tune trainable: run one step with retries and report its MLflow run id.
+    """The Tune trainable: run one launch (a trial, or a seed pack of trials) with retries and report
+    each member's MLflow run id.
 
     Runs in a Ray worker; with actor reuse one worker runs many trials, so imports and the cached
     dataset are paid once per worker. Exceptions are caught here and reported as the trial's result,
@@ -145,39 +146,68 @@ def run_trial(trial_config: dict[str, Any]) -> None:
 
     _quiet_worker()
     spec, ctx = trial_config["spec"], trial_config["ctx"]
+    _set_up_store(ctx["tracking_uri"])
     torch.set_num_threads(max(1, int(spec["cpu"])))
-    outcome: dict[str, Any] = {"run_id": None, "reused": False, "error": None}
+    members = spec["members"]
+    failed: dict[str, Any] = {"status": "FAILED", "run_id": None, "reused": False}
+    outcomes = [{**failed, "error": None} for _ in members]
     attempts = 0
     for attempts in range(1, ctx["retries"] + 2):
         try:
-            result = _run_step(spec, ctx)
+            results = _run_launch(spec, ctx)
         except UsageError as err:  # bad input stays bad: not retried
-            outcome.update(status="FAILED", error=f"UsageError: {err}", run_id=getattr(err, "sdd_run_id", None))
+            outcomes = [{**failed, "error": f"UsageError: {err}", "run_id": getattr(err, "sdd_run_id", None)}
+                        for _ in members]
             break
-        except Exception as err:  # any other failure may be transient: retried (in the same run)
-            outcome.update(status="FAILED", error=f"{type(err).__name__}: {err}"[:2000],
-                           run_id=getattr(err, "sdd_run_id", None))
-            logging.getLogger(__name__).warning("trial %s attempt %d failed: %s", spec["key"], attempts,
-                                                outcome["error"])
+        except Exception as err:  # any other failure may be transient: retried (in the same runs)
+            error = f"{type(err).__name__}: {err}"[:2000]
+            outcomes = [{**failed, "error": error, "run_id": getattr(err, "sdd_run_id", None)} for _ in members]
+            logging.getLogger(__name__).warning("trial %s attempt %d failed: %s", spec["key"], attempts, error)
             continue
-        outcome.update(status="FINISHED", run_id=result.run_id, reused=result.reused, error=None,
-                       metrics={k: result.metrics[k] for k in ("test_acc", "val_acc", "train_acc_noisy")
-                                if k in result.metrics})
+        outcomes = [{"status": "FINISHED", "run_id": result.run_id, "reused": result.reused, "error": None,
+                     "metrics": {k: result.metrics[k] for k in ("test_acc", "val_acc", "train_acc_noisy")
+                                 if k in result.metrics}} for result in results]
         break
-    outcome["attempts"] = attempts
+    outcomes = [{"trial": member["key"], **outcome, "attempts": attempts} for member, outcome in zip(members, outcomes)]
     with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "trial.json").write_text(json.dumps({"trial": spec["key"], **outcome}))
-        tune.report({"status": outcome["status"], "run_id": outcome["run_id"] or "",
-                     "reused": outcome["reused"], "error": outcome["error"] or "", "attempts": attempts,
-                     **outcome.get("metrics", {})},
+        Path(tmp, "trial.json").write_text(json.dumps(outcomes))
+        tune.report({"status": "FINISHED" if all(o["status"] == "FINISHED" for o in outcomes) else "FAILED",
+                     "outcomes": json.dumps(outcomes), "attempts": attempts},
                     checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _run_step(spec: dict[str, Any], ctx: dict[str, Any]) -> Any:
-    step = STEPS[spec["step"]]
-    tags = {"sdd.study_run_id": ctx["study_run_id"], "sdd.stage_run_id": ctx["stage_run_id"], **spec["tags"]}
-    return step.run(step.from_flat(spec["config"]), tracking_uri=ctx["tracking_uri"], experiment=ctx["experiment"],
-                    parent_run_id=ctx["stage_run_id"], extra_tags=tags)
+def launch_spec(trials: list[Trial]) -> dict[str, Any]:
+    """What a Tune trial receives: one trial, or the trials of a seed pack (same step and resources)."""
+    first = trials[0]
+    return {"key": " + ".join(t.key for t in trials), "step": first.step, "cpu": first.cpu, "gpu": first.gpu,
+            "members": [{"key": t.key, "config": t.config, "tags": t.tags} for t in trials]}
+
+
+def _run_launch(spec: dict[str, Any], ctx: dict[str, Any]) -> list[Any]:
+    step, members = STEPS[spec["step"]], spec["members"]
+    common = {"tracking_uri": ctx["tracking_uri"], "experiment": ctx["experiment"], "parent_run_id": ctx["stage_run_id"]}
+    lineage = {"sdd.study_run_id": ctx["study_run_id"], "sdd.stage_run_id": ctx["stage_run_id"]}
+    if len(members) == 1:
+        return [step.run(step.from_flat(members[0]["config"]), extra_tags={**lineage, **members[0]["tags"]},
+                         **common)]
+    return step.run_pack([step.from_flat(m["config"]) for m in members],
+                         extra_tags=[{**lineage, **m["tags"]} for m in members], **common)
+
+
+# Tracking URIs whose store this worker process has set up: with actor reuse one worker runs many trials.
+_WORKER_STORES: set[str] = set()
+
+
+def _set_up_store(tracking_uri: str) -> None:
+    """The store's client, once per worker process. The driver made the store, schema included, before any
+    trial started, so workers skip the lock that serialises a new store's migration: N workers starting at
+    once would otherwise queue there, one client set-up (about a second) after another."""
+    if tracking_uri in _WORKER_STORES:
+        return
+    from sdd import tracking
+
+    tracking.get_client(tracking_uri, schema_ready=True)
+    _WORKER_STORES.add(tracking_uri)
 
 
 def _quiet_worker() -> None:
@@ -210,19 +240,21 @@ def _progress_callback(stage: str, total: int) -> Any:
             return f"{s // 60}:{s % 60:02d}"
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            self.done += 1
-            self.reused += bool(result.get("reused"))
-            ok = result.get("status") == "FINISHED"
-            self.failed += not ok
-            what = (("reused " if result.get("reused") else "") + f"run {result['run_id'][:8]}"
-                    + (f" test_acc {result['test_acc']:.4f}" if "test_acc" in result else "")) if ok \
-                else f"FAILED after {result.get('attempts')} attempt(s): {result.get('error', '')[:200]}"
-            log.info("%s %d/%d [%s]: %s -> %s", stage, self.done, total, self.elapsed(),
-                     trial.config["spec"]["key"], what)
+            for outcome in json.loads(result.get("outcomes") or "[]"):
+                self.done += 1
+                self.reused += bool(outcome["reused"])
+                ok = outcome["status"] == "FINISHED"
+                self.failed += not ok
+                metrics = outcome.get("metrics", {})
+                what = (("reused " if outcome["reused"] else "") + f"run {outcome['run_id'][:8]}"
+                        + (f" test_acc {metrics['test_acc']:.4f}" if "test_acc" in metrics else "")) if ok \
+                    else f"FAILED after {outcome['attempts']} attempt(s): {(outcome['error'] or '')[:200]}"
+                log.info("%s %d/%d [%s]: %s -> %s", stage, self.done, total, self.elapsed(), outcome["trial"], what)
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self.done += 1
-            self.failed += 1
+            members = trial.config["spec"]["members"]
+            self.done += len(members)
+            self.failed += len(members)
             log.warning("%s %d/%d [%s]: %s -> worker died", stage, self.done, total, self.elapsed(),
                         trial.config["spec"]["key"])
 
@@ -236,8 +268,9 @@ def _progress_callback(stage: str, total: int) -> Any:
     return Progress()
 
 
-def execute(trials: list[Trial], stage: str, study: StudyFile, ctx: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Run trials as one Tune grid; their trials.json records by trial key."""
+def execute(launches: list[list[Trial]], stage: str, study: StudyFile, ctx: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Run launches (single trials and seed packs, see `sdd.sweep.plan.seed_packs`) as one Tune grid;
+    the trials.json records of their trials, by trial key."""
     from ray import tune
 
     # Tune's new output engine prints its experiment table even at verbose=0; the legacy one is silent
@@ -245,25 +278,28 @@ def execute(trials: list[Trial], stage: str, study: StudyFile, ctx: dict[str, An
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
         tune.with_resources(run_trial, _trial_resources),
-        param_space={"spec": tune.grid_search([t.spec() for t in trials]), "ctx": ctx},
+        param_space={"spec": tune.grid_search([launch_spec(members) for members in launches]), "ctx": ctx},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=study.max_concurrent,
                                     trial_dirname_creator=lambda t: f"{stage}_{t.trial_id}"),
         run_config=tune.RunConfig(
             name=f"{study.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=study.storage_path,
             verbose=0, failure_config=tune.FailureConfig(max_failures=study.retries),
-            callbacks=[_progress_callback(stage, len(trials))]))
+            callbacks=[_progress_callback(stage, sum(map(len, launches)))]))
     results = {r.config["spec"]["key"]: r for r in tuner.fit()}
     records = {}
-    for trial in trials:
-        result = results.get(trial.key)
+    for members in launches:
+        result = results.get(launch_spec(members)["key"])
         metrics = result.metrics if result is not None else {}
-        if metrics.get("status"):
-            records[trial.key] = _record(trial, run_id=metrics["run_id"] or None, status=metrics["status"],
-                                         reused=bool(metrics["reused"]), error=metrics["error"] or None,
-                                         attempts=int(metrics["attempts"]))
-        elif result is not None and result.error is not None:  # the worker process died, retries included
-            records[trial.key] = _record(trial, status="FAILED", attempts=study.retries + 1,
-                                         error=f"{type(result.error).__name__}: {result.error}"[:2000])
-        else:
-            records[trial.key] = _record(trial)
+        outcomes = {o["trial"]: o for o in json.loads(metrics.get("outcomes") or "[]")}
+        for trial in members:
+            outcome = outcomes.get(trial.key)
+            if outcome is not None:
+                records[trial.key] = _record(trial, run_id=outcome["run_id"] or None, status=outcome["status"],
+                                             reused=bool(outcome["reused"]), error=outcome["error"] or None,
+                                             attempts=int(outcome["attempts"]))
+            elif result is not None and result.error is not None:  # the worker process died, retries included
+                records[trial.key] = _record(trial, status="FAILED", attempts=study.retries + 1,
+                                             error=f"{type(result.error).__name__}: {result.error}"[:2000])
+            else:
+                records[trial.key] = _record(trial)
     return records

@@ -21,7 +21,7 @@ from sdd.errors import UsageError
 from sdd.sweep import presets
 from sdd.sweep.lineage import (STARTS_ARTIFACT, TRIALS_ARTIFACT, Store, _ProjectRun, _record, find_study_run,
                                open_stage_run, open_store, open_study_run, settle_orphans)
-from sdd.sweep.plan import DenseStageNotRun, Plan, covered_trials, finished_run, plan_stage
+from sdd.sweep.plan import DenseStageNotRun, Plan, covered_trials, finished_run, plan_stage, seed_packs
 from sdd.sweep.ray_runner import _RayOnDemand, execute
 from sdd.sweep.study_file import AutoStart, Stage, StudyFile, load_study, with_storage
 
@@ -93,7 +93,13 @@ def run_stage(store: Store, study: StudyFile, study_run_id: str, plan: Plan, cov
         if pending:
             settle_orphans(store, stage_run_id)
             need_ray()
-            ran = execute(pending, stage, study, ctx)
+            launches = seed_packs(pending, study.stages[stage])
+            packs = [len(members) for members in launches if len(members) > 1]
+            if packs:
+                log.info("%s stage: %d trials run as %d seed pack(s) of %s seeds (pack_seeds: %s)", stage,
+                         sum(packs), len(packs), "/".join(map(str, sorted(set(packs)))),
+                         study.stages[stage].pack_seeds)
+            ran = execute(launches, stage, study, ctx)
     except BaseException as err:
         client.set_tag(stage_run_id, "sdd.error", f"{type(err).__name__}: {err}"[:5000])
         tracking.terminate(client, stage_run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -217,8 +223,12 @@ def dry_run(path: str | Path, *, stage: str | None = None) -> list[str]:
         lines.append(f"stage {name}: {len(plan.trials)} trial(s), {todo} to run, {len(plan.trials) - todo} "
                      f"covered by finished runs")
         lines.extend(f"  note: {n}" for n in plan.notes)
+        packs = {t.key: len(members) for members in seed_packs([t for t in plan.trials if not done[t.key]],
+                                                               study.stages[name]) for t in members}
         for t in plan.trials:
             state = f"finished run {done[t.key]}" if done[t.key] else "to run"
+            if packs.get(t.key, 1) > 1:
+                state += f" in a seed pack of {packs[t.key]}"
             lines.append(f"  {t.step:7s} {t.key}  [cpu {t.cpu:g}, gpu {t.gpu:g}]  {state}")
     return lines
 

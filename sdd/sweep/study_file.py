@@ -15,6 +15,7 @@ stages:
     recipe: {dataset: mnist1d, model: mlp, epochs: 2000}   # any `sdd train` option, shared by all points
     grid: {width: [8, 16, 32], seed: [0, 1]}               # any `sdd train` option, one axis per key
     resources: {cpu: 1, gpu: 0}
+    pack_seeds: auto           # optional, any stage: seeds trained as one batched model: auto, true, false or a size
   prune:                       # one chain per starting checkpoint x chain seed x grid point
     start: {select: [before, below, at, above, after]}     # or a list of {width:, noise:, seed:, epoch:}
     seeds: [0, 1]                                          # optional; default: every seed of the dense stage
@@ -55,6 +56,12 @@ a run id).
 `[{max_width: 16, cpu: 1, gpu: 0.25}, {cpu: 1, gpu: 0.5}]`: the first rule with max_width >= the
 width applies (for chains, the dense parent's width); the last rule may omit max_width.
 
+`pack_seeds` (any stage): trials that differ only in their seed (chains: and in their dense parent, the
+run of that seed) train as one seed pack (`sdd.packs`: one batched model in one Ray trial, each seed
+still its own runs, masks and checkpoints): `auto` (default) where `sdd.packs.pack_pays` says it is
+faster (the rule `sdd bench` measures), `true` always, `false` never, or a number: packs of at most
+that many seeds.
+
 Any error is one line naming the file, the key path and what is accepted.
 
 The keys are pydantic models (`_File` down to `_Rule`: strict types, no unknown keys); the checks that
@@ -82,6 +89,7 @@ from sdd.errors import UsageError
 from sdd.steps import STEP_OF_STAGE
 
 STAGES = tuple(STEP_OF_STAGE)  # the stage names the step table runs
+AUTO_PACK = "auto"  # `pack_seeds`: pack where sdd.packs.pack_pays says it is faster
 ROLES = ("before", "below", "at", "above", "after")
 BEST_DENSE, PARENT = "best_dense", "parent"
 # Set from the starting checkpoint, never by the file.
@@ -165,6 +173,7 @@ class Stage:
     resources: Resources = Resources()
     start: AutoStart | tuple[ExplicitStart, ...] | None = None
     seeds: tuple[int, ...] | None = None
+    pack_seeds: bool | int | str = AUTO_PACK  # "auto", True, False or the largest pack
 
     @property
     def axes(self) -> list[str]:
@@ -395,6 +404,10 @@ class _Start(_Options):  # an explicit starting checkpoint: epoch and the dense 
     epoch: Annotated[int, Field(ge=0)] | None = None
 
 
+_PackSeeds = Annotated[Union[bool, int, str], _must(
+    lambda v: v == AUTO_PACK or isinstance(v, bool) or (isinstance(v, int) and v >= 2),
+    f"expected {AUTO_PACK}, true, false or a pack size >= 2, got {{value!r}}", before=True)]
+
 _Seeds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1),
                    _must(lambda v: len(set(v)) == len(v), "lists a seed twice")]
 
@@ -483,11 +496,13 @@ class _Auto(_Model):
 class _Stage(_Model):
     """A stage's keys; `recipe`, `grid` (and `start`) are added per stage by `_stage_model`."""
 
+    pack_seeds: _PackSeeds = AUTO_PACK
+
     def stage(self, kind: str) -> Stage:
         grids = self.grid if isinstance(self.grid, list) else [self.grid]
         return Stage(kind, self.recipe.given() if self.recipe else {},
                      tuple({k: tuple(v) for k, v in g.given().items()} if g else {} for g in grids),
-                     self.resources or Resources())
+                     self.resources or Resources(), pack_seeds=self.pack_seeds)
 
     @model_validator(mode="after")
     def _distinct_points(self) -> _Stage:
