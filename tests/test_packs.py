@@ -171,3 +171,55 @@ def test_packed_chains_are_the_chains_pruned_alone(store):
     with pytest.raises(UsageError, match="differ in levels"):
         run_prune_pack([PruneConfig(parent=pack_ids[0], seed=0, levels=2),
                         PruneConfig(parent=pack_ids[1], seed=1, levels=3)])
+
+
+PACK_SCRIPT = """
+import sys
+from conftest import tiny_train
+from sdd.dense import run_train_pack
+configs = [tiny_train(seed=s, epochs=30, batch_size=64, eval_every=5, resume_every=0) for s in (0, 1)]
+run_train_pack(configs, experiment=sys.argv[1])
+"""
+
+
+@pytest.mark.slow  # a process killed for real
+def test_a_pack_killed_mid_way_continues_each_seed_from_its_own_checkpoint(store, tmp_path):
+    """Killed when its first member saved epoch 20 (the other's last checkpoint is epoch 10): run again,
+    each seed continues from its own checkpoint (apart: they stand at different epochs) and ends as an
+    uninterrupted pack ends, to 1e-5."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sdd import faults
+
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", PACK_SCRIPT]
+    killed = subprocess.run([*command, "killed"], env={
+        **env, faults.FAULT_VAR: "train-saved-20:1:kill", faults.DIR_VAR: str(tmp_path / "faults"),
+        faults.SNAPSHOT_VAR: "10"}, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    first = json.loads((tmp_path / "faults" / "train-saved-20.json").read_text())["run_id"]
+    for experiment in ("killed", "uninterrupted"):
+        done = subprocess.run([*command, experiment], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    client = tracking.get_client()
+    runs = {}
+    for experiment in ("killed", "uninterrupted"):
+        exp_id = client.get_experiment_by_name(experiment).experiment_id
+        found = tracking.search(client, exp_id, tags={"sdd.step": "train"})
+        assert len(found) == 2 and all(r.info.status == "FINISHED" for r in found)
+        runs[experiment] = {r.data.params["seed"]: r for r in found}
+    resumed = {seed: run.data.tags.get("sdd.resumed_from_epoch") for seed, run in runs["killed"].items()}
+    assert resumed == {"0": "20", "1": "10"} and runs["killed"]["0"].info.run_id == first
+    for seed in ("0", "1"):
+        a, b = runs["killed"][seed].info.run_id, runs["uninterrupted"][seed].info.run_id
+        for key in ("test_acc", "train_loss", "val_acc"):
+            got = {m.step: m.value for m in client.get_metric_history(a, key)}
+            want = {m.step: m.value for m in client.get_metric_history(b, key)}
+            assert got.keys() == want.keys()
+            assert all(got[step] == pytest.approx(want[step], abs=TOLERANCE) for step in want), (seed, key)

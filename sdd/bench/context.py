@@ -56,7 +56,7 @@ SIZES: dict[str, Size] = {
                   log_epochs=1000, log_evaluations=10,
                   artifact_models=(("mlp", 0), ("cnn5", 8), ("resnet18", 8), ("resnet18", 64)),
                   sweep_widths=(32, 64, 96, 128), sweep_seeds=(0, 1), sweep_epochs=100,
-                  grid_widths=(8, 16, 32, 64, 96, 128), grid_seeds=(0, 1), grid_epochs=300),
+                  grid_widths=(8, 16, 32, 64, 96, 128), grid_seeds=(0, 1), grid_epochs=1000),
     "tiny": Size("tiny", repeats=1, mlp_repeats=1, mnist_train=200, mnist_val=50, mnist_test=100,
                  full_batch_epochs=(2, 1), minibatch_epochs=(1, 1), images=64, image_epochs=(1, 1), image_models=(("cnn5", 4), ("resnet18", 2)),
                  log_epochs=20, log_evaluations=3, artifact_models=(("mlp", 0), ("resnet18", 4)),

@@ -38,12 +38,10 @@ def run(size: Size | str = "full", *, workers: int = 0, threads: int = 1) -> Rep
         if device.type == "cuda":
             report.figures += precision_and_layout(ctx)
             report.figures += sweep_speedup(ctx, gpu=0.25, item=6, against_plain=False)
+            report.figures += cuda_seed_packs(ctx)
         else:
             report.skipped.append({"item": 6, "reason": "no CUDA device: bf16 autocast, channels_last and GPU "
                                                         "sharing are measured on CUDA only"})
-        if device.type == "cuda":
-            report.figures += cuda_seed_packs(ctx)
-        else:
             report.skipped.append({"item": 7, "reason": "no CUDA device: packs of 16 small models against 16 "
                                                         "separate trainings are measured on CUDA only"})
     report.environment["load_average_end"] = round(os.getloadavg()[0], 1)
