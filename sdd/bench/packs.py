@@ -49,7 +49,7 @@ PACK_SIZES: dict[str, PackSize] = {
     "full": PackSize(repeats=5, full_batch_epochs=40, minibatch_epochs=8,
                      cnn1d_samples=(None, 1024), images=384, cuda_epochs=5),
     "quick": PackSize(repeats=5, full_batch_epochs=12, minibatch_epochs=4,
-                      cnn1d_samples=(1024, 384), images=128, cuda_epochs=2),
+                      cnn1d_samples=(None, 1024), images=256, cuda_epochs=2),
     "tiny": PackSize(repeats=1, full_batch_epochs=1, minibatch_epochs=1,
                      cnn1d_samples=(None, None), images=32, cuda_epochs=1),
 }
