@@ -50,8 +50,10 @@ PACKABLE_MODELS = ("mlp", "cnn1d", "cnn5", "lenet")
 # faster than K plain ones (K = 3: mlp width 256, 13k parameters, 0.9x; LeNet-300-100 0.94x; cnn1d
 # width 64, 28k parameters, 1.08x); a full-batch step is one large GEMM per layer already, and a vmapped
 # Conv2d becomes a grouped convolution the CPU runs slower than K plain ones (cnn5 width 8: 0.8x). On a
-# GPU a small model leaves the device idle, so a pack pays for any packable model up to
-# GPU_PACK_MAX_PARAMS.
+# GPU a small model leaves the device idle (each step is a few kernel launches), so a pack is taken for any
+# packable model up to GPU_PACK_MAX_PARAMS. That branch is not measured yet: no GPU was at hand when the
+# rule was set; `sdd bench` on CUDA measures it (item 7, packs of 16 against 16 separate).
+#
 # A pack is worth choosing only for a clear gain: it turns K trials into one, so on a machine with more
 # cores than packs it gives up parallelism, and gains within ~20% flip sign with the machine's load
 # (full-batch MLPs measured 0.75-1.18x from run to run). The benchmark counts auto's choice right when it
