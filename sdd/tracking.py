@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -276,6 +277,12 @@ def _reap(uri: str, run_id: str, timeout: float = 120.0) -> None:
     client.delete_run(run_id)
 
 
+# A uniqueness violation, as sqlite, PostgreSQL and MySQL word it (through SQLAlchemy, or relayed by a
+# tracking server): another writer inserted the same row first.
+_UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry", "IntegrityError")
+DATASET_ATTEMPTS = 5
+
+
 def log_datasets(client: MlflowClient, run_id: str, source_type: str, source: Mapping[str, Any],
                  splits: list[tuple[str, str, torch.Tensor]]) -> None:
     """Log each split (name, context, labels) as a run input; the digest covers the source and the
@@ -288,7 +295,18 @@ def log_datasets(client: MlflowClient, run_id: str, source_type: str, source: Ma
         dataset = Dataset(name=name, digest=digest, source_type=source_type, source=source_text,
                           profile=json.dumps({"num_rows": len(labels)}))
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-    client.log_inputs(run_id, datasets=inputs)
+    # The store keeps one row per dataset (experiment, name, digest) and inserts a missing one after
+    # looking for it, so runs that log the same split at the same moment (every run of a study logs
+    # its validation and test sets) can lose that race with a uniqueness error. The transaction is
+    # rolled back, the row now exists, and the next attempt links to it.
+    for attempt in range(DATASET_ATTEMPTS):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as err:
+            if attempt + 1 == DATASET_ATTEMPTS or not any(m in str(err) for m in _UNIQUE_VIOLATIONS):
+                raise
+            time.sleep(random.uniform(0.05, 0.25))
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:

@@ -27,6 +27,11 @@ def _race(uri: str, index: int, barrier) -> None:
     exp_id = tracking.experiment_id(client, "race")
     run_id = tracking.start_run(client, exp_id, name=f"writer-{index}", tags={"sdd.step": "train"},
                                 adopt_project_run=False)
+    # Every run of a study logs the same validation and test sets: the store inserts each dataset once,
+    # and writers that race to insert it must all end up linked to it.
+    import torch
+    tracking.log_datasets(client, run_id, "code", {"generator": "race"}, [
+        ("race-train", "training", torch.arange(10) % 3), ("race-test", "test", torch.arange(20) % 5)])
     logger = tracking.MetricLogger(client, run_id, interval=0.0)  # flush on every call: most contention
     for step in range(STEPS):
         logger.log({k: index + step / 1000 for k in KEYS}, step)
@@ -67,6 +72,7 @@ def _check(uri: str) -> None:
     assert len(runs) == WRITERS and all(r.info.status == "FINISHED" for r in runs)
     for run in runs:
         index = int(run.info.run_name.split("-")[1])
+        assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == ["race-test", "race-train"]
         for key in KEYS:
             history = client.get_metric_history(run.info.run_id, key)
             assert sorted(m.step for m in history) == list(range(STEPS))
