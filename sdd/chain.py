@@ -33,7 +33,7 @@ from sdd.phases import LEVEL_PHASES, best_level, entropy_early_stop, it_level_la
 from sdd.problem import Problem, build_model, load_problem, resolve_device
 from sdd.progress import Progress
 from sdd.steps import chain_covers
-from sdd.training import FitResult, converged, cross_entropy, fit
+from sdd.training import FitResult, TrainingDiverged, converged, cross_entropy, fit
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +112,23 @@ def run_prune(cfg: PruneConfig, distill: DistillConfig | None = None, *, trackin
 
     The chain goes into its dense parent's experiment, nested under the parent run.
     """
-    return run_prune_pack([cfg], distill, tracking_uri=tracking_uri, extra_tags=[extra_tags or {}])[0]
+    (outcome,) = run_prune_pack([cfg], distill, tracking_uri=tracking_uri, extra_tags=[extra_tags or {}])
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def run_prune_pack(cfgs: Sequence[PruneConfig], distill: DistillConfig | None = None, *,
                    tracking_uri: str | None = None,
-                   extra_tags: Sequence[dict[str, str]] | None = None) -> list[StepResult]:
+                   extra_tags: Sequence[dict[str, str]] | None = None) -> list[StepResult | TrainingDiverged]:
     """Run chains that differ only in their seed and dense parent (the parent of that seed) as one seed
     pack: every level of every chain is pruned on its own (its own global masks), and the levels are
     retrained together (`sdd.packs.fit_pack`). Each chain and level is its own run, as `run_prune`
     makes it; chains stopped early drop out, levels resumed from different epochs retrain apart.
+
+    Returns each chain's StepResult, or the TrainingDiverged that failed it alone (as pruning it alone
+    would have). Any other error fails every chain not yet finished, and carries their run ids in
+    `sdd_run_ids` (one per config, None for a config that got no run).
     """
     for cfg in cfgs:
         cfg.validate()
@@ -132,35 +139,55 @@ def run_prune_pack(cfgs: Sequence[PruneConfig], distill: DistillConfig | None = 
     client = tracking.get_client(tracking_uri)
     parents = [resolve_parent(client, cfg) for cfg in cfgs]
     check_packable([parent.config for parent in parents])
-    opened = [_open_chain(cfg, distill, client, device, parent, tags)
-              for cfg, parent, tags in zip(cfgs, parents, extra_tags or [{}] * len(cfgs))]
-    results: list[StepResult | None] = [StepResult(lease.run_id, True, dict(lease.finished.data.metrics))
-                                        if lease.reused else None for lease, _ in opened]
-    todo = [(i, chain) for i, (lease, chain) in enumerate(opened) if chain is not None]
-    if not todo:
-        return results  # type: ignore[return-value]
-    with ExitStack() as runs:
-        for i, _ in todo:
-            runs.enter_context(opened[i][0].running())
-        chains = [chain for _, chain in todo]
-        for chain in chains:
-            chain.prepare()
-        try:
-            while True:
-                active = [chain for chain in chains if chain.pending()]
-                if not active:
-                    break
-                with ExitStack() as levels:
-                    works = [chain.begin_level(levels) for chain in active]
-                    for work, fitted in zip(works, _fit_levels(works)):
-                        work.chain.record_level(work, fitted)
-                for work in works:
-                    work.chain.close_level(work)
-        finally:
-            for chain in chains:
-                chain.progress.close()
-        for (i, chain) in todo:
+    tags = list(extra_tags or [{}] * len(cfgs))
+    run_ids: list[str | None] = [None] * len(cfgs)
+    results: list[StepResult | TrainingDiverged | None] = [None] * len(cfgs)
+    runs: dict[int, ExitStack] = {}  # the open run of each chain still pruning
+    chains: dict[int, Chain] = {}
+    levels: dict[int, ExitStack] = {}  # the open level run of each chain retraining
+    try:
+        # Always in parent order (each parent is one seed's run), so two processes packing the same chains
+        # never wait on each other.
+        for i in sorted(range(len(cfgs)), key=lambda i: parents[i].run.info.run_id):
+            runs[i] = ExitStack()
+            lease, chain = _open_chain(cfgs[i], distill, client, device, parents[i], tags[i], runs[i])
+            run_ids[i] = lease.run_id
+            if chain is None:
+                results[i] = StepResult(lease.run_id, True, dict(lease.finished.data.metrics))
+                runs.pop(i).close()
+            else:
+                chains[i] = chain
+                chain.prepare()
+        while any(chain.pending() for chain in chains.values()):
+            works = {}
+            for i, chain in chains.items():
+                if chain.pending():
+                    levels[i] = ExitStack()
+                    works[i] = chain.begin_level(levels[i])
+            for i, fitted in zip(list(works), _fit_levels(list(works.values()))):
+                work = works[i]
+                if isinstance(fitted, TrainingDiverged):  # this chain fails, as it would alone
+                    for stack in (levels.pop(i), runs.pop(i)):
+                        stack.__exit__(type(fitted), fitted, fitted.__traceback__)
+                    chains.pop(i).progress.close()
+                    results[i] = fitted
+                    continue
+                work.chain.record_level(work, fitted)
+                levels.pop(i).close()  # the level run FINISHED
+                work.chain.close_level(work)
+        for i, chain in list(chains.items()):
+            chain.progress.close()
             results[i] = StepResult(chain.chain_id, False, chain.finish())
+            chains.pop(i)
+            runs.pop(i).close()  # the chain run FINISHED
+    except BaseException as err:
+        for stack in [*levels.values(), *runs.values()]:
+            stack.__exit__(type(err), err, err.__traceback__)
+        for chain in chains.values():
+            if chain.progress is not None:  # made by prepare
+                chain.progress.close()
+        err.sdd_run_ids = run_ids  # type: ignore[attr-defined]
+        raise
     return results  # type: ignore[return-value]
 
 
@@ -181,16 +208,20 @@ def check_chains_packable(cfgs: Sequence[PruneConfig]) -> None:
         raise UsageError(f"a seed pack needs distinct seeds, got {seeds}")
 
 
-def _fit_levels(works: list[LevelWork]) -> list[FitResult]:
+def _fit_levels(works: list[LevelWork]) -> list[FitResult | TrainingDiverged]:
     """Retrain the levels of several chains: those continuing from the same epoch together as a seed pack,
-    a level alone by `fit`."""
+    a level alone by `fit`. A level whose loss diverged gets its TrainingDiverged; the others train on."""
     groups: dict[int, list[int]] = {}
     for i, work in enumerate(works):
         groups.setdefault(int(work.resume["epoch"]) if work.resume else 0, []).append(i)
-    fitted: list[FitResult | None] = [None] * len(works)
+    fitted: list[FitResult | TrainingDiverged | None] = [None] * len(works)
     for members in groups.values():
         if len(members) == 1:
-            fitted[members[0]] = works[members[0]].chain.fit_level(works[members[0]])
+            work = works[members[0]]
+            try:
+                fitted[members[0]] = work.chain.fit_level(work)
+            except TrainingDiverged as err:
+                fitted[members[0]] = err
             continue
         group = [works[i] for i in members]
         first = group[0].chain
@@ -201,30 +232,24 @@ def _fit_levels(works: list[LevelWork]) -> list[FitResult]:
         for work in group:
             work.chain.client.log_batch(work.run_id, tags=[tracking.RunTag("sdd.pack_size", str(len(group))),
                                                            tracking.RunTag("sdd.pack_runs", members_ids)])
-
-        def on_epoch(epoch: int, losses: list[float], group: list[LevelWork] = group) -> None:
-            for work, loss in zip(group, losses):
-                work.chain.on_level_epoch(work, epoch, loss)
-
-        def snapshot(states: list[dict], group: list[LevelWork] = group) -> None:
-            for work, state in zip(group, states):
-                work.chain.level_snapshot(work, state)
-
-        results = fit_pack([w.chain.model for w in group], x, [w.chain.problem.splits.y_train for w in group],
-                           first.recipe, masks=[w.float_masks for w in group],
-                           loss_fns=[w.chain.loss_fn for w in group], generators=[w.generator for w in group],
-                           on_epoch=on_epoch, snapshot=snapshot,
-                           resumes=[w.resume for w in group] if group[0].resume else None,
-                           snapshot_every=first.cfg.resume_every, snapshot_epochs=faults.snapshot_epochs(),
-                           pad_fill=first.problem.splits.black)
+        results = fit_pack(
+            [w.chain.model for w in group], x, [w.chain.problem.splits.y_train for w in group], first.recipe,
+            masks=[w.float_masks for w in group], loss_fns=[w.chain.loss_fn for w in group],
+            generators=[w.generator for w in group],
+            on_epochs=[lambda epoch, loss, w=w: w.chain.on_level_epoch(w, epoch, loss) for w in group],
+            snapshots=[lambda state, w=w: w.chain.level_snapshot(w, state) for w in group],
+            resumes=[w.resume for w in group] if group[0].resume else None,
+            snapshot_every=first.cfg.resume_every, snapshot_epochs=faults.snapshot_epochs(),
+            pad_fill=first.problem.splits.black)
         for i, result in zip(members, results):
             fitted[i] = result
     return fitted  # type: ignore[return-value]
 
 
 def _open_chain(cfg: PruneConfig, distill: DistillConfig | None, client: MlflowClient, device: torch.device,
-                parent: Parent, extra_tags: dict[str, str]) -> tuple[lifecycle.Lease, Chain | None]:
-    """The chain's run (new, continued or reused) and, unless reused, its level loop."""
+                parent: Parent, extra_tags: dict[str, str], stack: ExitStack) -> tuple[lifecycle.Lease, Chain | None]:
+    """The chain's run (new, continued or reused) and, unless reused, its level loop, the run open in
+    `stack` (FINISHED when it closes, FAILED if it closes on an exception)."""
     exp_id = parent.run.info.experiment_id
     problem = load_problem(parent.config.data, device, run_seed=parent.config.optim.seed)
     teacher = None
@@ -248,6 +273,7 @@ def _open_chain(cfg: PruneConfig, distill: DistillConfig | None, client: MlflowC
                               force=cfg.force, extend_finished=lambda run: not chain_covers(cfg, run))
     if lease.reused:
         return lease, None
+    stack.enter_context(lease.running())
     if lease.is_new:
         options = {k: v for k, v in to_flat_dict(cfg).items() if k not in DEPTH_OPTIONS}
         params = {**options, **(to_flat_dict(distill) if distill else {}),
@@ -275,6 +301,7 @@ class Chain:
         self.problem, self.teacher = problem, teacher
         self.dense_id = parent.run.info.run_id
         self.levels = cfg.depth()
+        self.progress: Progress | None = None
         self.model = build_model(parent.config.model, problem, parent.config.optim.seed)
         self.weights = models.prunable_weights(self.model)
         self.exclude = {models.output_layer_name(self.model)} if cfg.keep_output_dense else set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -19,7 +19,7 @@ from sdd.measures import activation_entropy, learning_distance, split_metrics
 from sdd.packs import fit_pack
 from sdd.problem import Problem, build_model, load_problem, resolve_device
 from sdd.progress import Progress
-from sdd.training import FitResult, Recipe, converged, cross_entropy, fit
+from sdd.training import FitResult, Recipe, TrainingDiverged, converged, cross_entropy, fit
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +78,25 @@ def run_train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment: 
     `tracking_uri` defaults to `sdd.tracking.tracking_uri()`; `experiment` is a name (default: see
     `sdd.tracking.experiment_id`); `parent_run_id` nests the run (e.g. under a sweep stage).
     """
-    return run_train_pack([cfg], tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent_run_id,
-                          extra_tags=[extra_tags or {}])[0]
+    (outcome,) = run_train_pack([cfg], tracking_uri=tracking_uri, experiment=experiment,
+                                parent_run_id=parent_run_id, extra_tags=[extra_tags or {}])
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def run_train_pack(cfgs: Sequence[TrainConfig], *, tracking_uri: str | None = None, experiment: str | None = None,
                    parent_run_id: str | None = None,
-                   extra_tags: Sequence[dict[str, str]] | None = None) -> list[StepResult]:
+                   extra_tags: Sequence[dict[str, str]] | None = None) -> list[StepResult | TrainingDiverged]:
     """Train the dense models of configs that differ only in their seed as one seed pack
     (`sdd.packs.fit_pack`): each one is its own MLflow run (with its `extra_tags`), exactly as
     `run_train` would make it, reused when finished and continued from its own resume checkpoint when
     a process died. Members that resume from different epochs train in packs of their own (one alone
     trains by `fit`).
+
+    Returns each config's StepResult, or the TrainingDiverged that failed its run alone (as training it
+    alone would have). Any other error fails every run not yet finished, and carries their run ids in
+    `sdd_run_ids` (one per config, None for a config that got no run).
     """
     for cfg in cfgs:
         cfg.validate()
@@ -103,31 +110,51 @@ def run_train_pack(cfgs: Sequence[TrainConfig], *, tracking_uri: str | None = No
     if first.distill.teacher:
         teacher = load_teacher(client, first.distill.teacher, problems[0].splits.input_shape,
                                problems[0].splits.num_classes, device)
-    leases = [_lease(cfg, client, exp_id, problem, teacher, parent_run_id, tags)
-              for cfg, problem, tags in zip(cfgs, problems, extra_tags or [{}] * len(cfgs))]
-    results: list[StepResult | None] = [StepResult(lease.run_id, True, dict(lease.finished.data.metrics))
-                                        if lease.reused else None for lease in leases]
-    todo = [i for i, lease in enumerate(leases) if not lease.reused]
-    if not todo:
-        return results  # type: ignore[return-value]
-    with ExitStack() as stack:
-        resumes = {i: stack.enter_context(leases[i].running()) for i in todo}
+    tags = list(extra_tags or [{}] * len(cfgs))
+    leases: list[lifecycle.Lease | None] = [None] * len(cfgs)
+    runs: dict[int, ExitStack] = {}  # the open run of each config still training
+    try:
+        # Always in config-hash order, so two processes packing the same seeds never wait on each other.
+        resumes = {}
+        for i in sorted(range(len(cfgs)), key=lambda i: train_hash(cfgs[i], teacher.run_id if teacher else None)):
+            lease = leases[i] = _lease(cfgs[i], client, exp_id, problems[i], teacher, parent_run_id, tags[i])
+            if not lease.reused:
+                runs[i] = ExitStack()
+                resumes[i] = runs[i].enter_context(lease.running())
+        results: list[StepResult | TrainingDiverged | None] = [
+            StepResult(lease.run_id, True, dict(lease.finished.data.metrics)) if lease.reused else None
+            for lease in leases]
         groups: dict[int, list[int]] = {}
-        for i in todo:
+        for i in sorted(runs):
             groups.setdefault(int(resumes[i]["epoch"]) if resumes[i] else 0, []).append(i)
         for members in groups.values():
-            runs = [_DenseRun(cfgs[i], client, leases[i].run_id, problems[i], teacher, resumes[i]) for i in members]
-            for i, metrics in zip(members, _train(runs)):
-                results[i] = StepResult(leases[i].run_id, False, metrics)
+            trained = _train([_DenseRun(cfgs[i], client, leases[i].run_id, problems[i], teacher, resumes[i])
+                              for i in members])
+            for i, outcome in zip(members, trained):
+                stack = runs.pop(i)
+                if isinstance(outcome, TrainingDiverged):
+                    stack.__exit__(type(outcome), outcome, outcome.__traceback__)  # this run FAILED, with why
+                    results[i] = outcome
+                else:
+                    stack.close()  # FINISHED
+                    results[i] = StepResult(leases[i].run_id, False, outcome)
+    except BaseException as err:
+        for stack in runs.values():
+            stack.__exit__(type(err), err, err.__traceback__)
+        err.sdd_run_ids = [lease.run_id if lease else None for lease in leases]  # type: ignore[attr-defined]
+        raise
     return results  # type: ignore[return-value]
 
 
 def check_packable(cfgs: Sequence[TrainConfig]) -> None:
-    """Configs share one pack only if they differ in nothing but their seed (which also draws the noise)."""
+    """Configs share one pack only if they differ in nothing but their seed (which also draws the noise)
+    and in what does not change a run (its hash leaves out e.g. resume_every: a reused dense parent may
+    have been trained with another)."""
     if not cfgs:
         raise ValueError("no configs to train")
+
     def without_seed(cfg: TrainConfig) -> dict:
-        flat = to_flat_dict(cfg)
+        flat = to_flat_dict(cfg, hashed_only=True)
         flat.pop("seed")
         return flat
     reference = without_seed(cfgs[0])
@@ -231,8 +258,9 @@ class _DenseRun:
         return final
 
 
-def _train(runs: list[_DenseRun]) -> list[dict[str, float]]:
-    """Train the runs (all at the same epoch) alone by `fit`, or together as a seed pack; their final metrics."""
+def _train(runs: list[_DenseRun]) -> list[dict[str, float] | TrainingDiverged]:
+    """Train the runs (all at the same epoch) alone by `fit`, or together as a seed pack; each one's final
+    metrics, or the TrainingDiverged that ended it (the others of a pack train on)."""
     first = runs[0]
     cfg, problem = first.cfg, first.problem
     epochs = cfg.optim.epochs
@@ -243,29 +271,23 @@ def _train(runs: list[_DenseRun]) -> list[dict[str, float]]:
     progress = Progress(epochs, label, initial=resumed)
     common = {"snapshot_every": cfg.resume_every, "snapshot_epochs": faults.snapshot_epochs(),
               "pad_fill": problem.splits.black}
+
+    def on_epoch(run: _DenseRun) -> Callable[[int, float], None]:
+        def call(epoch: int, loss: float) -> None:
+            run.on_epoch(epoch)
+            progress.update(epoch, loss=loss)
+        return call
+
+    fitted: list[FitResult | TrainingDiverged]
     try:
         if len(runs) == 1:
-            def on_epoch(epoch: int, loss: float) -> None:
-                first.on_epoch(epoch)
-                progress.update(epoch, loss=loss)
-
-            fitted = [fit(first.model, problem.splits.x_train, problem.splits.y_train, recipe, loss_fn=first.loss_fn,
-                          generator=first.generator, on_step=first.on_step, on_epoch=on_epoch, resume=first.resume,
-                          snapshot=first.snapshot, **common)]
+            try:
+                fitted = [fit(first.model, problem.splits.x_train, problem.splits.y_train, recipe,
+                              loss_fn=first.loss_fn, generator=first.generator, on_step=first.on_step,
+                              on_epoch=on_epoch(first), resume=first.resume, snapshot=first.snapshot, **common)]
+            except TrainingDiverged as err:
+                fitted = [err]
         else:
-            def on_pack_step(step: int) -> None:
-                for run in runs:
-                    run.on_step(step)
-
-            def on_pack_epoch(epoch: int, losses: list[float]) -> None:
-                for run in runs:
-                    run.on_epoch(epoch)
-                progress.update(epoch, loss=sum(losses) / len(losses))
-
-            def pack_snapshot(states: list[dict]) -> None:
-                for run, state in zip(runs, states):
-                    run.snapshot(state)
-
             x = problem.splits.x_train
             # The lineage of an execution detail: which runs shared the batched model (and its wall time).
             members = ",".join(run.run_id for run in runs)
@@ -277,9 +299,11 @@ def _train(runs: list[_DenseRun]) -> list[dict[str, float]]:
                     raise ValueError("seed pack members must share their training inputs")
             fitted = fit_pack([run.model for run in runs], x, [run.problem.splits.y_train for run in runs], recipe,
                               loss_fns=[run.loss_fn for run in runs], generators=[run.generator for run in runs],
-                              on_step=on_pack_step, on_epoch=on_pack_epoch, snapshot=pack_snapshot,
+                              on_steps=[run.on_step for run in runs], on_epochs=[on_epoch(run) for run in runs],
+                              snapshots=[run.snapshot for run in runs],
                               resumes=[run.resume for run in runs] if resumed else None, **common)
     finally:
         progress.close()
     seconds = time.monotonic() - started
-    return [run.finish(result, seconds) for run, result in zip(runs, fitted)]
+    return [result if isinstance(result, TrainingDiverged) else run.finish(result, seconds)
+            for run, result in zip(runs, fitted)]

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 DATASETS = ("mnist1d", "cifar10", "cifar100", "tinyimagenet", "mnist5k")  # sdd.data.LOADERS
 MODELS = ("mlp", "cnn1d", "cnn5", "resnet18", "vgg_like", "lenet", "preact_resnet18")  # sdd.models.MODELS
+# Models whose seeds can train as one seed pack (sdd.packs): their forward passes vmap cleanly.
+PACKABLE_MODELS = ("mlp", "cnn1d", "cnn5", "lenet")
 INITS = ("default", "open_lth")  # sdd.models.INITS
 NOISE_KINDS = ("symmetric", "random", "pairflip")  # sdd.noise.NOISE
 CRITERIA = ("magnitude", "gradient", "random")  # sdd.pruning.CRITERIA

@@ -32,15 +32,15 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from sdd.augment import random_crop_flip
 from sdd.config import ModelConfig, OptimConfig
+from sdd.names import PACKABLE_MODELS
 from sdd.training import FitResult, LossFn, Recipe, TrainingDiverged, cross_entropy, lr_factor, make_optimizer
 
 log = logging.getLogger(__name__)
 
 Masks = Mapping[str, torch.Tensor]
 
-# Models whose forward passes vmap cleanly (no data-dependent control flow). BatchNorm's running
-# statistics are stacked buffers, updated in place per member inside the vmap.
-PACKABLE_MODELS = ("mlp", "cnn1d", "cnn5", "lenet")
+# PACKABLE_MODELS (sdd.names): forward passes that vmap cleanly (no data-dependent control flow). BatchNorm's
+# running statistics are stacked buffers, updated in place per member inside the vmap.
 
 # The measured rule (`sdd bench` item 7, seed packs vs separate trainings; README "Performance"). On a CPU a
 # pack only pays where the separate trainings are dominated by per-step overhead: minibatches of a tiny
@@ -88,7 +88,10 @@ class Pack:
             raise ValueError("a pack needs at least two members")
         self.members = list(members)
         params, buffers = stack_module_state(self.members)
-        self.params = {name: tensor.detach().requires_grad_() for name, tensor in params.items()}
+        trainable = dict(self.members[0].named_parameters())
+        # A frozen parameter stays frozen, as `fit` leaves it (no gradient, so no optimizer step).
+        self.params = {name: tensor.detach().requires_grad_(trainable[name].requires_grad)
+                       for name, tensor in params.items()}
         self.buffers = {name: tensor.detach() for name, tensor in buffers.items()}
         for k, member in enumerate(self.members):
             for name, tensor in member.named_parameters():
@@ -161,28 +164,32 @@ def fit_pack(
     masks: Sequence[Masks | None] | None = None,
     loss_fns: Sequence[LossFn] | None = None,
     generators: Sequence[torch.Generator | None],
-    on_step: Callable[[int], None] | None = None,
-    on_epoch: Callable[[int, list[float]], None] | None = None,
+    on_steps: Sequence[Callable[[int], None] | None] | None = None,
+    on_epochs: Sequence[Callable[[int, float], None] | None] | None = None,
+    snapshots: Sequence[Callable[[dict[str, Any]], None] | None] | None = None,
     autocast: bool | None = None,
     resumes: Sequence[Mapping[str, Any] | None] | None = None,
-    snapshot: Callable[[list[dict[str, Any]]], None] | None = None,
     snapshot_every: float = 0.0,
     snapshot_epochs: int = 0,
     pad_fill: torch.Tensor | None = None,
-) -> list[FitResult]:
+) -> list[FitResult | TrainingDiverged]:
     """`sdd.training.fit` for K models of one architecture at once: model k trains on (x, ys[k]) with
-    masks[k], loss_fns[k] and generators[k] exactly as `fit` would train it alone; returns each one's
-    FitResult.
+    masks[k], loss_fns[k], generators[k] and its own callbacks (on_steps[k], on_epochs[k], snapshots[k],
+    as `fit` takes them) exactly as `fit` would train it alone. `resumes` are `fit`-layout states of the
+    members, all saved at the same epoch.
 
-    Callbacks see the whole pack: `on_step(step)`, `on_epoch(epoch, last losses)` (the members are in
-    lockstep: same data size, same batch size), `snapshot(states)` with one `fit`-layout state per
-    member. `resumes` are `fit`-layout states of the members, all saved at the same epoch.
+    Returns each member's FitResult, or the TrainingDiverged that `fit` would have raised for it: a
+    member whose loss is no longer finite stops being reported (its slice trains on, apart from the
+    others, and is discarded), and the others go on as they would alone.
     """
     k = len(models)
     if len(ys) != k or len(generators) != k:
         raise ValueError("one label tensor and one generator per member")
     masks = list(masks) if masks is not None else [None] * k
     loss_fns = list(loss_fns) if loss_fns is not None else [cross_entropy] * k
+    on_steps = list(on_steps) if on_steps is not None else [None] * k
+    on_epochs = list(on_epochs) if on_epochs is not None else [None] * k
+    snapshots = list(snapshots) if snapshots is not None else [None] * k
     device = x.device
     if resumes is not None and any(r is not None for r in resumes):
         if any(r is None for r in resumes) or len({int(r["epoch"]) for r in resumes}) != 1:
@@ -190,9 +197,23 @@ def fit_pack(
         for model, state in zip(models, resumes):
             model.load_state_dict(state["model"])
     pack = Pack(models)
+    try:
+        return _train_pack(pack, x, torch.stack(list(ys)), recipe, _stack_masks(pack, models, masks), loss_fns,
+                           generators, on_steps, on_epochs, snapshots, autocast, resumes, snapshot_every,
+                           snapshot_epochs, pad_fill)
+    finally:
+        pack.release()
+
+
+def _train_pack(pack: Pack, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, stacked_masks: dict[str, torch.Tensor],
+                loss_fns: list[LossFn], generators: Sequence[torch.Generator | None],
+                on_steps: list[Callable[[int], None] | None], on_epochs: list[Callable[[int, float], None] | None],
+                snapshots: list[Callable[[dict[str, Any]], None] | None], autocast: bool | None,
+                resumes: Sequence[Mapping[str, Any] | None] | None, snapshot_every: float, snapshot_epochs: int,
+                pad_fill: torch.Tensor | None) -> list[FitResult | TrainingDiverged]:
+    models, k, device = pack.members, len(pack), x.device
+    # Every parameter, frozen ones included, as `fit` passes them: the optimizer state is numbered alike.
     optimizer = make_optimizer(list(pack.params.values()), recipe.optim, recipe.lr)
-    stacked_masks = _stack_masks(pack, models, masks)
-    y = torch.stack(list(ys))
     milestones = recipe.milestones()
     batch = recipe.optim.batch_size or len(x)
     use_autocast = device.type == "cuda" if autocast is None else autocast
@@ -210,69 +231,75 @@ def fit_pack(
                 except RuntimeError:
                     log.warning("resume checkpoint from another device: batch order and augmentation continue "
                                 "from a fresh random state")
+    diverged: dict[int, TrainingDiverged] = {}
     plain_loss = all(fn is cross_entropy for fn in loss_fns)
     last_snapshot = time.monotonic()
     pack.train()
-    try:
-        for epoch in range(first_epoch, recipe.epochs):
-            factor = lr_factor(recipe.schedule, epoch, recipe.epochs, milestones, recipe.optim.gamma)
-            for group in optimizer.param_groups:
-                group["lr"] = recipe.lr * factor
-            orders = None if batch >= n else torch.stack(
-                [torch.randperm(n, device=device, generator=g) for g in generators])
-            totals = torch.zeros(k, device=device)
-            for i in range(0, n, batch):
-                idx = None if orders is None else orders[:, i:i + batch]
-                if idx is None:
-                    yb = y
-                    xb = x if not recipe.augment else torch.stack(
-                        [random_crop_flip(x, fill=pad_fill, generator=g) for g in generators])
-                else:
-                    yb = torch.gather(y, 1, idx)
-                    xb = torch.stack([random_crop_flip(x[idx[m]], fill=pad_fill, generator=generators[m])
-                                      if recipe.augment else x[idx[m]] for m in range(k)])
-                shared = idx is None and not recipe.augment
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    logits = pack.forward(xb, shared=shared)
-                logits = logits.float()
-                if plain_loss:
-                    # Each member's mean over its batch, as F.cross_entropy computes it alone.
-                    per_member = nn.functional.cross_entropy(
-                        logits.flatten(0, 1), yb.flatten(), reduction="none").view(k, -1).mean(1)
-                else:
-                    per_member = torch.stack([loss_fns[m](logits[m], yb[m], xb if shared else xb[m],
-                                                          None if idx is None else idx[m]) for m in range(k)])
-                optimizer.zero_grad(set_to_none=True)
-                per_member.sum().backward()
-                optimizer.step()
-                totals += per_member.detach() * yb.shape[1]
-                if stacked_masks:
-                    with torch.no_grad():
-                        for name, mask in stacked_masks.items():
-                            pack.params[name].mul_(mask)
-                step += 1
-                if on_step is not None:
-                    on_step(step)
-            last = per_member.detach().tolist()
-            bad = [(m, v) for m, v in enumerate(last) if not math.isfinite(v)]
-            if bad:
-                raise TrainingDiverged(f"loss became {bad[0][1]} at epoch {epoch + 1} (pack member {bad[0][0]})")
-            for member, total in enumerate((totals / n).tolist()):
-                epoch_losses[member].append(total)
-            if on_epoch is not None:
-                on_epoch(epoch + 1, last)
-            due = (snapshot_every > 0 and time.monotonic() - last_snapshot >= snapshot_every) or \
-                (snapshot_epochs > 0 and (epoch + 1) % snapshot_epochs == 0)
-            if snapshot is not None and due and epoch + 1 < recipe.epochs:
-                snapshot([{"epoch": epoch + 1, "step": step, "model": models[m].state_dict(),
-                           "optimizer": pack.member_optimizer_state(optimizer, m),
-                           "epoch_losses": list(epoch_losses[m]),
-                           "generator": generators[m].get_state() if generators[m] is not None else None}
-                          for m in range(k)])
-                last_snapshot = time.monotonic()
-    finally:
-        pack.release()
-    return [FitResult(step, losses) for losses in epoch_losses]
+    for epoch in range(first_epoch, recipe.epochs):
+        factor = lr_factor(recipe.schedule, epoch, recipe.epochs, milestones, recipe.optim.gamma)
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr * factor
+        orders = None if batch >= n else torch.stack(
+            [torch.randperm(n, device=device, generator=g) for g in generators])
+        totals = torch.zeros(k, device=device)
+        for i in range(0, n, batch):
+            idx = None if orders is None else orders[:, i:i + batch]
+            if idx is None:
+                yb = y
+                xb = x if not recipe.augment else torch.stack(
+                    [random_crop_flip(x, fill=pad_fill, generator=g) for g in generators])
+            else:
+                yb = torch.gather(y, 1, idx)
+                xb = torch.stack([random_crop_flip(x[idx[m]], fill=pad_fill, generator=generators[m])
+                                  if recipe.augment else x[idx[m]] for m in range(k)])
+            shared = idx is None and not recipe.augment
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                logits = pack.forward(xb, shared=shared)
+            logits = logits.float()
+            if plain_loss:
+                # Each member's mean over its batch, as F.cross_entropy computes it alone.
+                per_member = nn.functional.cross_entropy(
+                    logits.flatten(0, 1), yb.flatten(), reduction="none").view(k, -1).mean(1)
+            else:
+                per_member = torch.stack([loss_fns[m](logits[m], yb[m], xb if shared else xb[m],
+                                                      None if idx is None else idx[m]) for m in range(k)])
+            optimizer.zero_grad(set_to_none=True)
+            # The members' slices are independent: a member whose loss is not finite spoils only its own.
+            per_member.sum().backward()
+            optimizer.step()
+            totals += per_member.detach() * yb.shape[1]
+            if stacked_masks:
+                with torch.no_grad():
+                    for name, mask in stacked_masks.items():
+                        pack.params[name].mul_(mask)
+            step += 1
+            for m, callback in enumerate(on_steps):
+                if callback is not None and m not in diverged:
+                    callback(step)
+        last = per_member.detach().tolist()
+        for m, value in enumerate(last):
+            if m not in diverged and not math.isfinite(value):
+                diverged[m] = TrainingDiverged(f"loss became {value} at epoch {epoch + 1}")
+        if len(diverged) == k:
+            break
+        for member, total in enumerate((totals / n).tolist()):
+            epoch_losses[member].append(total)
+        for m, callback in enumerate(on_epochs):
+            if callback is not None and m not in diverged:
+                callback(epoch + 1, last[m])
+        due = (snapshot_every > 0 and time.monotonic() - last_snapshot >= snapshot_every) or \
+            (snapshot_epochs > 0 and (epoch + 1) % snapshot_epochs == 0)
+        if due and epoch + 1 < recipe.epochs:
+            for m, callback in enumerate(snapshots):
+                if callback is not None and m not in diverged:
+                    # Copies: the member's tensors are views into the pack's, which torch.save would write whole.
+                    callback({"epoch": epoch + 1, "step": step,
+                              "model": {name: t.clone() for name, t in models[m].state_dict().items()},
+                              "optimizer": pack.member_optimizer_state(optimizer, m),
+                              "epoch_losses": list(epoch_losses[m]),
+                              "generator": generators[m].get_state() if generators[m] is not None else None})
+            last_snapshot = time.monotonic()
+    return [diverged[m] if m in diverged else FitResult(step, epoch_losses[m]) for m in range(k)]
 
 
 def _stack_masks(pack: Pack, models: Sequence[nn.Module], masks: Sequence[Masks | None]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from sdd.dense import check_packable, run_train, run_train_pack
 from sdd.errors import UsageError
 from sdd.packs import fit_pack, pack_pays
 from sdd.pruning import full_masks, magnitude_scores, prune_masks
-from sdd.training import Recipe, fit
+from sdd.training import Recipe, TrainingDiverged, cross_entropy, fit
 
 TOLERANCE = 1e-5
 
@@ -59,7 +59,7 @@ def test_a_pack_trains_each_seed_as_fit_trains_it_alone(name, width, shape, batc
     steps = []
     pack_results = fit_pack(packed, x, ys, recipe, masks=masks, generators=[torch.Generator().manual_seed(s)
                                                                              for s in seeds],
-                            on_step=steps.append, pad_fill=fill)
+                            on_steps=[steps.append, None, None], pad_fill=fill)
     for a, p, r, q, mask in zip(alone, packed, results, pack_results, masks):
         assert _max_difference(a, p) < TOLERANCE
         assert q.steps == r.steps == steps[-1] and q.epoch_losses == pytest.approx(r.epoch_losses, abs=TOLERANCE)
@@ -89,6 +89,44 @@ def test_in_float64_a_pack_is_training_alone_up_to_rounding():
         torch.set_default_dtype(torch.float32)
 
 
+def test_a_member_that_diverges_fails_alone_and_the_others_train_on():
+    seeds = range(3)
+    x, ys = _data(64, (40,), seeds)
+    recipe = Recipe.from_optim(OptimConfig(optimizer="adam", lr=1e-2, batch_size=16, epochs=3))
+
+    def blows_up(logits, y, inputs, idx):  # finite until the second epoch's first batch
+        blows_up.calls += 1
+        return torch.nn.functional.cross_entropy(logits, y) * (float("inf") if blows_up.calls > 4 else 1.0)
+    blows_up.calls = 0
+    alone = [_model("mlp", 16, (40,), s) for s in seeds]
+    packed = [copy.deepcopy(m) for m in alone]
+    results = [fit(m, x, y, recipe, generator=torch.Generator().manual_seed(s)) for s, m, y in zip(seeds, alone, ys)
+               if s != 1]
+    with pytest.raises(TrainingDiverged) as alone_error:
+        fit(copy.deepcopy(packed[1]), x, ys[1], recipe, loss_fn=blows_up, generator=torch.Generator().manual_seed(1))
+    blows_up.calls = 0
+    epochs_seen = {m: [] for m in seeds}
+    outcome = fit_pack(packed, x, ys, recipe, loss_fns=[cross_entropy, blows_up, cross_entropy],
+                       generators=[torch.Generator().manual_seed(s) for s in seeds],
+                       on_epochs=[lambda e, loss, m=m: epochs_seen[m].append(e) for m in seeds])
+    assert isinstance(outcome[1], TrainingDiverged) and str(outcome[1]) == str(alone_error.value)
+    assert epochs_seen == {0: [1, 2, 3], 1: [1], 2: [1, 2, 3]}  # the diverged member is no longer reported
+    for m, result in zip((0, 2), results):
+        assert _max_difference(alone[m], packed[m]) < TOLERANCE
+        assert outcome[m].epoch_losses == pytest.approx(result.epoch_losses, abs=TOLERANCE)
+
+
+def test_diverging_packed_runs_each_fail_with_their_own_reason(store):
+    outcomes = run_train_pack([tiny_train(seed=s, epochs=3, optimizer="sgd", lr=1e12) for s in (0, 1)])
+    client = tracking.get_client()
+    assert all(isinstance(o, TrainingDiverged) for o in outcomes)
+    assert len({o.sdd_run_id for o in outcomes}) == 2
+    for outcome in outcomes:
+        run = client.get_run(outcome.sdd_run_id)
+        assert run.info.status == "FAILED" and run.data.tags["sdd.failure"] == "diverged"
+        assert "loss became" in run.data.tags["sdd.error"]
+
+
 def test_a_pack_member_continues_alone_from_its_pack_snapshot():
     seeds = range(2)
     x, ys = _data(64, (40,), seeds)
@@ -96,9 +134,10 @@ def test_a_pack_member_continues_alone_from_its_pack_snapshot():
     alone = _model("mlp", 16, (40,), 0)
     packed = [_model("mlp", 16, (40,), s) for s in seeds]
     fit(alone, x, ys[0], recipe, generator=torch.Generator().manual_seed(0))
-    saved = []
+    saved = {0: [], 1: []}
     fit_pack(packed, x, ys, recipe, generators=[torch.Generator().manual_seed(s) for s in seeds],
-             snapshot=lambda states: saved.append(copy.deepcopy(states)), snapshot_epochs=2)
+             snapshots=[lambda state, m=m: saved[m].append(copy.deepcopy(state)) for m in seeds], snapshot_epochs=2)
+    saved = [list(states) for states in zip(saved[0], saved[1])]  # per snapshot: every member's state
     assert [states[0]["epoch"] for states in saved] == [2]
     continued = _model("mlp", 16, (40,), 0)
     fit(continued, x, ys[0], recipe, generator=torch.Generator().manual_seed(123), resume=copy.deepcopy(saved[0][0]))  # the optimizer steps its state in place

@@ -515,3 +515,10 @@ def test_a_sweep_trains_seed_packs_as_one_run_per_seed(ray_local, store, tmp_pat
     # Each seed's run is the one training it alone would make: unpacked, the sweep reuses all six.
     assert sdd_main("sweep", str(write_study(tmp_path, PACKED.replace("PACK", "false"), "alone.yaml"))) == 0
     assert len(by_step(all_runs(store), "train")) == 6
+
+
+def test_a_model_that_cannot_be_packed_is_refused_on_load(tmp_path):
+    text = PACKED.replace("PACK", "true").replace("model: mlp", "model: resnet18")
+    with pytest.raises(UsageError, match="dense.pack_seeds: model 'resnet18' cannot be trained as a seed pack"):
+        load_study(write_study(tmp_path, text, "rn.yaml"))
+    assert load_study(write_study(tmp_path, text.replace("pack_seeds: true", "pack_seeds: auto"), "auto.yaml"))

@@ -140,6 +140,7 @@ def run_trial(trial_config: dict[str, Any]) -> None:
     Runs in a Ray worker; with actor reuse one worker runs many trials, so imports and the cached
     dataset are paid once per worker. Exceptions are caught here and reported as the trial's result,
     so the stage records them; Tune's own retries (FailureConfig) cover a worker process that dies.
+    A member that failed is retried (in its own run) without the members that finished.
     """
     import torch
     from ray import tune
@@ -149,30 +150,33 @@ def run_trial(trial_config: dict[str, Any]) -> None:
     _set_up_store(ctx["tracking_uri"])
     torch.set_num_threads(max(1, int(spec["cpu"])))
     members = spec["members"]
-    failed: dict[str, Any] = {"status": "FAILED", "run_id": None, "reused": False}
-    outcomes = [{**failed, "error": None} for _ in members]
-    attempts = 0
-    for attempts in range(1, ctx["retries"] + 2):
-        try:
-            results = _run_launch(spec, ctx)
-        except UsageError as err:  # bad input stays bad: not retried
-            outcomes = [{**failed, "error": f"UsageError: {err}", "run_id": getattr(err, "sdd_run_id", None)}
-                        for _ in members]
+    outcomes: list[dict[str, Any]] = [{"status": "FAILED", "run_id": None, "reused": False, "error": None,
+                                       "attempts": 0} for _ in members]
+    pending = list(range(len(members)))
+    for attempt in range(1, ctx["retries"] + 2):
+        retry = []
+        for m, (result, run_id) in zip(pending, _run_launch(spec, ctx, [members[i] for i in pending])):
+            outcomes[m]["attempts"] = attempt
+            if not isinstance(result, BaseException):
+                outcomes[m].update(status="FINISHED", run_id=result.run_id, reused=result.reused, error=None,
+                                   metrics={k: result.metrics[k] for k in ("test_acc", "val_acc", "train_acc_noisy")
+                                            if k in result.metrics})
+                continue
+            bad_input = isinstance(result, UsageError)  # bad input stays bad: not retried
+            error = (f"UsageError: {result}" if bad_input else f"{type(result).__name__}: {result}")[:2000]
+            outcomes[m].update(error=error, run_id=run_id or outcomes[m]["run_id"])
+            if not bad_input:  # any other failure may be transient: retried (in the same run)
+                logging.getLogger(__name__).warning("trial %s attempt %d failed: %s", members[m]["key"], attempt,
+                                                    error)
+                retry.append(m)
+        pending = retry
+        if not pending:
             break
-        except Exception as err:  # any other failure may be transient: retried (in the same runs)
-            error = f"{type(err).__name__}: {err}"[:2000]
-            outcomes = [{**failed, "error": error, "run_id": getattr(err, "sdd_run_id", None)} for _ in members]
-            logging.getLogger(__name__).warning("trial %s attempt %d failed: %s", spec["key"], attempts, error)
-            continue
-        outcomes = [{"status": "FINISHED", "run_id": result.run_id, "reused": result.reused, "error": None,
-                     "metrics": {k: result.metrics[k] for k in ("test_acc", "val_acc", "train_acc_noisy")
-                                 if k in result.metrics}} for result in results]
-        break
-    outcomes = [{"trial": member["key"], **outcome, "attempts": attempts} for member, outcome in zip(members, outcomes)]
+    outcomes = [{"trial": member["key"], **outcome} for member, outcome in zip(members, outcomes)]
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "trial.json").write_text(json.dumps(outcomes))
         tune.report({"status": "FINISHED" if all(o["status"] == "FINISHED" for o in outcomes) else "FAILED",
-                     "outcomes": json.dumps(outcomes), "attempts": attempts},
+                     "outcomes": json.dumps(outcomes), "attempts": max(o["attempts"] for o in outcomes)},
                     checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -183,15 +187,23 @@ def launch_spec(trials: list[Trial]) -> dict[str, Any]:
             "members": [{"key": t.key, "config": t.config, "tags": t.tags} for t in trials]}
 
 
-def _run_launch(spec: dict[str, Any], ctx: dict[str, Any]) -> list[Any]:
-    step, members = STEPS[spec["step"]], spec["members"]
+def _run_launch(spec: dict[str, Any], ctx: dict[str, Any],
+                members: list[dict[str, Any]]) -> list[tuple[Any, str | None]]:
+    """Per member: its StepResult or the exception that failed it, and its run id (None: no run yet)."""
+    step = STEPS[spec["step"]]
     common = {"tracking_uri": ctx["tracking_uri"], "experiment": ctx["experiment"], "parent_run_id": ctx["stage_run_id"]}
     lineage = {"sdd.study_run_id": ctx["study_run_id"], "sdd.stage_run_id": ctx["stage_run_id"]}
-    if len(members) == 1:
-        return [step.run(step.from_flat(members[0]["config"]), extra_tags={**lineage, **members[0]["tags"]},
-                         **common)]
-    return step.run_pack([step.from_flat(m["config"]) for m in members],
-                         extra_tags=[{**lineage, **m["tags"]} for m in members], **common)
+    try:
+        if len(members) == 1:
+            results = [step.run(step.from_flat(members[0]["config"]), extra_tags={**lineage, **members[0]["tags"]},
+                                **common)]
+        else:
+            results = step.run_pack([step.from_flat(m["config"]) for m in members],
+                                    extra_tags=[{**lineage, **m["tags"]} for m in members], **common)
+    except Exception as err:  # the whole launch failed: every member, each with its own run
+        run_ids = getattr(err, "sdd_run_ids", None) or [getattr(err, "sdd_run_id", None)] * len(members)
+        return [(err, run_id) for run_id in run_ids]
+    return [(r, r.run_id if not isinstance(r, BaseException) else getattr(r, "sdd_run_id", None)) for r in results]
 
 
 # Tracking URIs whose store this worker process has set up: with actor reuse one worker runs many trials.

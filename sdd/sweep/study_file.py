@@ -84,7 +84,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
                       StringConstraints, Tag, ValidationError, create_model, model_validator)
 from pydantic_core import PydanticCustomError
 
-from sdd import config
+from sdd import config, names
 from sdd.errors import UsageError
 from sdd.steps import STEP_OF_STAGE
 
@@ -579,11 +579,23 @@ class _Stages(_Model):
                     start = _explicit_starts(raw.start, at, dense, seeds)
                 stage = replace(stage, start=start, seeds=seeds)
             _check_points(stage, dense)
+            _check_packable(stage, dense)
             for width in dense.values("width", config.ModelConfig().width):
                 if stage.resources.for_width(int(width)) is None:
                     raise _fail(f"no rule covers width {width}; end with a rule without max_width", f"{kind}.resources")
             self._built[kind] = stage
         return self
+
+
+def _check_packable(stage: Stage, dense: Stage) -> None:
+    """`pack_seeds: true` or a size asks for packs: every model the stage trains (a chain: its dense
+    parents' models) must be one that packs."""
+    if stage.pack_seeds in (AUTO_PACK, False):
+        return
+    for model in dense.values("model", config.ModelConfig().model):
+        if model not in names.PACKABLE_MODELS:
+            raise _fail(f"model {model!r} cannot be trained as a seed pack (packable: "
+                        f"{', '.join(names.PACKABLE_MODELS)}); use auto or false", f"{stage.kind}.pack_seeds")
 
 
 def _check_points(stage: Stage, dense: Stage) -> None:
