@@ -86,6 +86,14 @@ TEST_SIZE = 1000  # the main study's dense runs record it as a param; the tiny s
 TINY_TEST_SIZE = 500
 
 
+def read_table(path) -> pd.DataFrame:
+    """An analysis CSV with its run-id columns read as text. pandas 2.3.3's number parser segfaults on a
+    token that starts with digits, 'e' and 13 or more digits (pandas-dev/pandas#63089), which a random hex
+    run id sometimes is: parsed as numbers, ids would crash a test now and then."""
+    columns = pd.read_csv(path, nrows=0).columns
+    return pd.read_csv(path, dtype={c: str for c in columns if c.endswith("_id")})
+
+
 def _params(width: int) -> tuple[int, int]:
     """(prunable weights, other parameters) of the 1-hidden-layer MNIST-1D MLP."""
     return 40 * width + width * 10, width + 10
@@ -330,7 +338,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def summary(world) -> pd.DataFrame:
-    return pd.read_csv(world["out"] / SUMMARY)
+    return read_table(world["out"] / SUMMARY)
 
 
 def _chain_row(summary: pd.DataFrame, chain_id: str) -> pd.Series:
@@ -355,7 +363,7 @@ def test_finds_the_phases_of_the_chain(world, summary):
     bounds = {p: (row[f"{p}_first"], row[f"{p}_last"]) for p in ("light", "critical", "sweet", "collapsed")}
     assert bounds == {"light": (1, 2), "critical": (3, 4), "sweet": (5, 7), "collapsed": (8, 10)}
     assert bool(row["phases_match"])
-    levels = pd.read_csv(world["out"] / "chain_levels.csv")
+    levels = read_table(world["out"] / "chain_levels.csv")
     phases = levels[levels["chain_run_id"] == world["vanilla0"]].sort_values("level")["phase"].tolist()
     assert phases == VANILLA_PHASES
     for key, expected, it_level in (("vanilla1", VANILLA_PHASES, 4), ("distilled", DISTILL_PHASES, 1),
@@ -435,7 +443,7 @@ def test_registered_model_is_named(world, summary):
 
 
 def test_reused_and_missing_runs(world):
-    dense = pd.read_csv(world["out"] / "dense_runs.csv")
+    dense = read_table(world["out"] / "dense_runs.csv")
     assert len(dense) == 18
     assert dense.loc[dense["run_id"] == world["reused"], "reused"].item()
     report = world["report"].read_text()
@@ -594,7 +602,7 @@ def strict(world):
     """The strict study analysed at its own threshold (not passed): (summary, report text, folder)."""
     folder = world["tmp"] / "strict"
     report = analyze_study(world["client"], world["strict"], folder)
-    return pd.read_csv(folder / SUMMARY), report.read_text(), folder
+    return read_table(folder / SUMMARY), report.read_text(), folder
 
 
 def test_the_study_threshold_is_used_without_passing_it(world, strict):
@@ -629,7 +637,7 @@ def test_dense_runs_pool_only_over_seeds(strict):
 
 def test_a_dense_run_without_width_is_left_out_of_the_curve(world, strict):
     summary, report, folder = strict
-    dense = pd.read_csv(folder / "dense_runs.csv")
+    dense = read_table(folder / "dense_runs.csv")
     assert pd.isna(dense.loc[dense["run_id"] == world["widthless"], "width"]).all()
     assert (folder / "dd_curve.png").stat().st_size > 10_000
     assert "**IT at width 16**" in report
@@ -738,3 +746,10 @@ def test_the_distillation_figure_draws_seed_bands_per_start(world, tmp_path, mon
         at_dense = xy[np.isclose(xy[:, 0], 1.0), 1]
         _, low, high = seed_band([[s] for s in seeds], TEST_SIZE)
         assert (at_dense.min(), at_dense.max()) == (pytest.approx(low[0]), pytest.approx(high[0]))
+
+
+def test_run_ids_that_look_like_huge_numbers_are_read_as_text(tmp_path):
+    # A hex run id of this shape segfaults pandas 2.3.3's number parser when read as a number.
+    (tmp_path / "runs.csv").write_text("run_id,test_acc\n4e492493924924ab0123456789abcdef,0.5\n")
+    table = read_table(tmp_path / "runs.csv")
+    assert table["run_id"].item() == "4e492493924924ab0123456789abcdef" and table["test_acc"].item() == 0.5
