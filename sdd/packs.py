@@ -20,7 +20,6 @@ Whether a pack pays is measured, not assumed: `pack_pays` is the rule `sdd bench
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,9 +32,9 @@ from torch.func import functional_call, stack_module_state, vmap
 from sdd.augment import random_crop_flip
 from sdd.config import ModelConfig, OptimConfig
 from sdd.names import PACKABLE_MODELS
-from sdd.training import FitResult, LossFn, Recipe, TrainingDiverged, cross_entropy, lr_factor, make_optimizer
+from sdd.training import (FitResult, LossFn, Recipe, TrainingDiverged, cross_entropy, lr_factor, make_optimizer,
+                          restore_generator)
 
-log = logging.getLogger(__name__)
 
 Masks = Mapping[str, torch.Tensor]
 
@@ -225,12 +224,7 @@ def _train_pack(pack: Pack, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, st
         first_epoch, step = int(resumes[0]["epoch"]), int(resumes[0]["step"])
         for member, state in enumerate(resumes):
             epoch_losses[member] = [float(v) for v in state.get("epoch_losses", [])]
-            if generators[member] is not None and state.get("generator") is not None:
-                try:
-                    generators[member].set_state(state["generator"])
-                except RuntimeError:
-                    log.warning("resume checkpoint from another device: batch order and augmentation continue "
-                                "from a fresh random state")
+            restore_generator(generators[member], state)
     diverged: dict[int, TrainingDiverged] = {}
     plain_loss = all(fn is cross_entropy for fn in loss_fns)
     last_snapshot = time.monotonic()

@@ -116,6 +116,17 @@ def converged(epoch_losses: Sequence[float], train_acc: float | None) -> bool:
     return abs(start - end) / start < CONVERGENCE_TOLERANCE
 
 
+def restore_generator(generator: torch.Generator | None, resume: Mapping[str, Any]) -> None:
+    """Continue the batch order and augmentation draws of a resume state in `generator`."""
+    if generator is None or resume.get("generator") is None:
+        return
+    try:
+        generator.set_state(resume["generator"])
+    except RuntimeError:  # saved on another device type: the batch order cannot be continued exactly
+        log.warning("resume checkpoint from another device: batch order and augmentation continue "
+                    "from a fresh random state")
+
+
 def fit(
     model: nn.Module,
     x: torch.Tensor,
@@ -161,12 +172,7 @@ def fit(
         first_epoch, step = int(resume["epoch"]), int(resume["step"])
         # A state saved before epoch losses were recorded continues with the epochs from here only.
         epoch_losses = [float(v) for v in resume.get("epoch_losses", [])]
-        if generator is not None and resume.get("generator") is not None:
-            try:
-                generator.set_state(resume["generator"])
-            except RuntimeError:  # saved on another device type: the batch order cannot be continued exactly
-                log.warning("resume checkpoint from another device: batch order and augmentation continue "
-                            "from a fresh random state")
+        restore_generator(generator, resume)
     last_snapshot = time.monotonic()
     model.train()
     for epoch in range(first_epoch, recipe.epochs):

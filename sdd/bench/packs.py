@@ -118,23 +118,32 @@ def _generators(case: Case) -> list[Any]:
     return [torch.Generator(device=case.problem.device).manual_seed(s) for s in range(case.seeds)]
 
 
+def _runner(case: Case, inits: list[Any], train: Callable[[list[Any], list[Any]], object]) -> Callable[[], float]:
+    """One timed repeat: fresh copies of the initial models and generators, then `train(models, generators)`
+    (stacking a pack's members is part of what it costs)."""
+    def run() -> float:
+        models = [copy.deepcopy(m) for m in inits]
+        generators = _generators(case)
+        sync(case.problem.device)
+        started = time.perf_counter()
+        train(models, generators)
+        sync(case.problem.device)
+        return time.perf_counter() - started
+
+    return run
+
+
 def _separate_runner(case: Case, inits: list[Any]) -> Callable[[], float]:
     from sdd.training import Recipe, fit
 
     recipe = Recipe.from_optim(case.optim, augment=case.augment)
     splits = case.problem.splits
 
-    def run() -> float:
-        models = [copy.deepcopy(m) for m in inits]
-        generators = _generators(case)
-        sync(case.problem.device)
-        started = time.perf_counter()
+    def train(models: list[Any], generators: list[Any]) -> None:
         for model, generator in zip(models, generators):
             fit(model, splits.x_train, splits.y_train, recipe, generator=generator, pad_fill=splits.black)
-        sync(case.problem.device)
-        return time.perf_counter() - started
 
-    return run
+    return _runner(case, inits, train)
 
 
 def _pack_runner(case: Case, inits: list[Any]) -> Callable[[], float]:
@@ -144,17 +153,11 @@ def _pack_runner(case: Case, inits: list[Any]) -> Callable[[], float]:
     recipe = Recipe.from_optim(case.optim, augment=case.augment)
     splits = case.problem.splits
 
-    def run() -> float:
-        models = [copy.deepcopy(m) for m in inits]
-        generators = _generators(case)
-        sync(case.problem.device)
-        started = time.perf_counter()  # stacking the members is part of what a pack costs
+    def train(models: list[Any], generators: list[Any]) -> None:
         fit_pack(models, splits.x_train, [splits.y_train] * case.seeds, recipe, generators=generators,
                  pad_fill=splits.black)
-        sync(case.problem.device)
-        return time.perf_counter() - started
 
-    return run
+    return _runner(case, inits, train)
 
 
 def _warm_up(case: Case, inits: list[Any]) -> None:
